@@ -1,0 +1,311 @@
+//! `AgentActor`: one per signed-in agent on this node.
+//!
+//! It outlives the agent's socket by the grace period, so a reconnecting
+//! agent keeps the customer it serves. It serves one customer at a time and
+//! handles one request at a time (`ctx.wait`), so a `say` sent right after a
+//! `take` always finds the session taken.
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+use tracing::info;
+
+use crate::domain::{AgentInfo, ClientRef, SessionId, Seq};
+use crate::error::ActorError;
+use crate::outbound::{ConnHandle, Outbound, CLOSE_SUPERSEDED};
+use crate::registry::{AgentChanged, AgentGone, FindSession, TakeFromQueue};
+use crate::session::{AgentCmd, AgentDetached, AgentLost, Assign, AttachAgent, FromAgent, SessionActor};
+use crate::settings::Deps;
+use crate::views::{AgentStatus, AgentView, Dashboard};
+
+/// Whom `take` asks for.
+#[derive(Clone, Debug)]
+pub enum TakeTarget {
+    NextIn(Arc<str>),
+    Session(SessionId),
+}
+
+/// What an agent's connection forwards to its actor.
+#[derive(Debug)]
+pub enum AgentRequest {
+    Available { client_ref: Option<ClientRef> },
+    Away { client_ref: Option<ClientRef> },
+    Take { target: TakeTarget, client_ref: Option<ClientRef> },
+    InSession { session_id: SessionId, cmd: AgentCmd },
+    Resume { session_id: SessionId, last_seq: Seq, client_ref: Option<ClientRef> },
+}
+
+pub struct AgentActor {
+    deps: Deps,
+    info: AgentInfo,
+    conn: Option<ConnHandle>,
+    away: bool,
+    serving: Option<(SessionId, Addr<SessionActor>)>,
+    grace: Option<SpawnHandle>,
+    span: tracing::Span,
+}
+
+impl AgentActor {
+    pub fn new(deps: Deps, info: AgentInfo, conn: ConnHandle) -> AgentActor {
+        let span = tracing::info_span!("agent", agent_id = %info.id, node = %deps.settings.node_id);
+        AgentActor { deps, info, conn: Some(conn), away: true, serving: None, grace: None, span }
+    }
+
+    fn status(&self) -> AgentStatus {
+        if self.conn.is_none() {
+            AgentStatus::Offline
+        } else if self.serving.is_some() {
+            AgentStatus::Busy
+        } else if self.away {
+            AgentStatus::Away
+        } else {
+            AgentStatus::Available
+        }
+    }
+
+    fn report(&self, ctx: &mut Context<Self>) {
+        self.deps.registry.do_send(AgentChanged {
+            addr: ctx.address(),
+            view: AgentView {
+                id: self.info.id.clone(),
+                name: self.info.name.clone(),
+                status: self.status(),
+                session_id: self.serving.as_ref().map(|(s, _)| s.clone()),
+                node: self.deps.settings.node_id.clone(),
+            },
+        });
+    }
+
+    fn reply(&self, conn: &ConnHandle, client_ref: Option<ClientRef>, res: Result<(Option<Seq>, Option<SessionId>), ActorError>) {
+        let frame = match (res, client_ref) {
+            (Ok((seq, session_id)), Some(client_ref)) => Outbound::Ack { client_ref, seq, session_id },
+            (Ok(_), None) => return,
+            (Err(error), client_ref) => Outbound::Error { client_ref, error },
+        };
+        conn.push(frame);
+    }
+
+    fn take(&mut self, conn: ConnHandle, target: TakeTarget, client_ref: Option<ClientRef>, ctx: &mut Context<Self>) {
+        if self.serving.is_some() {
+            self.reply(&conn, client_ref, Err(ActorError::Conflict("you already serve a customer; end that session first")));
+            return;
+        }
+        let registry = self.deps.registry.clone();
+        let me = ctx.address();
+        let info = self.info.clone();
+        let live = Some(conn.clone());
+        let fut = async move {
+            let (sid, session) = registry
+                .send(TakeFromQueue { target })
+                .await
+                .map_err(|_| ActorError::Internal)??;
+            let seq = session
+                .send(Assign { agent: info, agent_addr: me, conn: live })
+                .await
+                .map_err(|_| ActorError::NotFound("the session is gone"))??;
+            Ok::<_, ActorError>((sid, session, seq))
+        };
+        ctx.wait(fut.into_actor(self).map(move |res, act, ctx| {
+            let _g = act.span.clone().entered();
+            match res {
+                Ok((sid, session, seq)) => {
+                    info!(session_id = %sid, seq, "took a customer");
+                    act.serving = Some((sid.clone(), session));
+                    act.reply(&conn, client_ref, Ok((Some(seq), Some(sid))));
+                    act.report(ctx);
+                }
+                Err(e) => act.reply(&conn, client_ref, Err(e)),
+            }
+        }));
+    }
+
+    fn resume(&mut self, conn: ConnHandle, session_id: SessionId, last_seq: Seq, client_ref: Option<ClientRef>, ctx: &mut Context<Self>) {
+        if let Some((current, _)) = &self.serving {
+            if *current != session_id {
+                self.reply(&conn, client_ref, Err(ActorError::Forbidden("you serve another session")));
+                return;
+            }
+        }
+        let registry = self.deps.registry.clone();
+        let me = ctx.address();
+        let agent_id = self.info.id.clone();
+        let sid = session_id.clone();
+        let replay_conn = conn.clone();
+        let cref = client_ref.clone();
+        let fut = async move {
+            let session = registry
+                .send(FindSession { id: sid })
+                .await
+                .map_err(|_| ActorError::Internal)?
+                .ok_or(ActorError::NotFound("no such session, or it has ended"))?;
+            let (done, answer) = oneshot::channel();
+            session.do_send(AttachAgent { agent_id, agent_addr: me, conn: replay_conn, last_seq, client_ref: cref, done });
+            answer.await.map_err(|_| ActorError::NotFound("the session is gone"))??;
+            Ok::<_, ActorError>(session)
+        };
+        ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(session) => {
+                act.serving = Some((session_id, session));
+                act.report(ctx);
+            }
+            Err(e) => act.reply(&conn, client_ref, Err(e)),
+        }));
+    }
+
+    fn start_grace(&mut self, ctx: &mut Context<Self>) {
+        if let Some(h) = self.grace.take() {
+            ctx.cancel_future(h);
+        }
+        self.grace = Some(ctx.run_later(self.deps.settings.agent_grace, |act, ctx| {
+            let _g = act.span.clone().entered();
+            info!("agent did not come back within the grace period");
+            if let Some((_, session)) = act.serving.take() {
+                session.do_send(AgentLost { agent_id: act.info.id.clone() });
+            }
+            ctx.stop();
+        }));
+    }
+}
+
+impl Actor for AgentActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.report(ctx);
+    }
+
+    fn stopped(&mut self, ctx: &mut Context<Self>) {
+        self.deps.registry.do_send(AgentGone { id: self.info.id.clone(), addr: ctx.address() });
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct FromAgentConn {
+    pub conn: ConnHandle,
+    pub req: AgentRequest,
+}
+
+impl Handler<FromAgentConn> for AgentActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: FromAgentConn, ctx: &mut Context<Self>) {
+        let _g = self.span.clone().entered();
+        let FromAgentConn { conn, req } = msg;
+        if !self.conn.as_ref().is_some_and(|c| c.same(&conn)) {
+            // A superseded connection's late frames carry no authority.
+            return;
+        }
+        match req {
+            AgentRequest::Available { client_ref } => {
+                self.away = false;
+                self.reply(&conn, client_ref, Ok((None, None)));
+                self.report(ctx);
+            }
+            AgentRequest::Away { client_ref } => {
+                self.away = true;
+                self.reply(&conn, client_ref, Ok((None, None)));
+                self.report(ctx);
+            }
+            AgentRequest::Take { target, client_ref } => self.take(conn, target, client_ref, ctx),
+            AgentRequest::Resume { session_id, last_seq, client_ref } => {
+                self.resume(conn, session_id, last_seq, client_ref, ctx)
+            }
+            AgentRequest::InSession { session_id, cmd } => match &self.serving {
+                Some((sid, session)) if *sid == session_id => {
+                    session.do_send(FromAgent { agent_id: self.info.id.clone(), conn, cmd });
+                }
+                _ => {
+                    let client_ref = match cmd {
+                        AgentCmd::Say { client_ref, .. } | AgentCmd::Rtc { client_ref, .. } | AgentCmd::End { client_ref } => client_ref,
+                        AgentCmd::Typing { .. } => None,
+                    };
+                    if client_ref.is_some() {
+                        self.reply(&conn, client_ref, Err(ActorError::Forbidden("you do not serve this session")));
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// A (new) socket of this agent.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AttachAgentConn {
+    pub conn: ConnHandle,
+}
+
+impl Handler<AttachAgentConn> for AgentActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: AttachAgentConn, ctx: &mut Context<Self>) {
+        if let Some(h) = self.grace.take() {
+            ctx.cancel_future(h);
+        }
+        if let Some(old) = self.conn.replace(msg.conn) {
+            old.push(Outbound::Close { code: CLOSE_SUPERSEDED, reason: "signed in on another connection" });
+        }
+        if let Some((_, session)) = &self.serving {
+            // Live events resume once the agent sends `resume`.
+            session.do_send(AgentDetached { agent_id: self.info.id.clone() });
+        }
+        self.report(ctx);
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AgentConnClosed {
+    pub conn_id: u64,
+}
+
+impl Handler<AgentConnClosed> for AgentActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: AgentConnClosed, ctx: &mut Context<Self>) {
+        if !self.conn.as_ref().is_some_and(|c| c.conn_id == msg.conn_id) {
+            return;
+        }
+        self.conn = None;
+        if let Some((_, session)) = &self.serving {
+            session.do_send(AgentDetached { agent_id: self.info.id.clone() });
+        }
+        self.start_grace(ctx);
+        self.report(ctx);
+    }
+}
+
+/// The session this agent served has ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ServedSessionEnded {
+    pub session_id: SessionId,
+}
+
+impl Handler<ServedSessionEnded> for AgentActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ServedSessionEnded, ctx: &mut Context<Self>) {
+        if self.serving.as_ref().is_some_and(|(s, _)| *s == msg.session_id) {
+            self.serving = None;
+            self.report(ctx);
+        }
+    }
+}
+
+/// The current dashboard, for this agent's socket.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PushDashboard(pub Arc<Dashboard>);
+
+impl Handler<PushDashboard> for AgentActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: PushDashboard, _ctx: &mut Context<Self>) {
+        if let Some(c) = &self.conn {
+            c.push(Outbound::Dashboard(msg.0));
+        }
+    }
+}

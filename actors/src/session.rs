@@ -1,0 +1,1039 @@
+//! `SessionActor`: the single owner and sequencer of one session.
+//!
+//! Every event of a session is numbered here and nowhere else, so `seq` has
+//! no gaps: the actor allocates the next number, hands the event to the
+//! [`EventStore`](crate::ports::EventStore), and only after the commit does it
+//! relay the event and ack the client. At most one batch per session is in
+//! flight; what arrives meanwhile waits in `pending` and goes in the next
+//! batch (the store groups batches of many sessions into one commit). If a
+//! batch fails, its numbers are given back and every client waiting on it or
+//! after it gets `unavailable` — nothing acked is lost, and nothing unacked is
+//! stored.
+//!
+//! The actor outlives connections: the customer's and the agent's sockets
+//! attach and detach, and a resume replays from storage what the socket
+//! missed. It stops once the session ended (after a short linger) or when it
+//! is restored on another node.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use crate::agent::{AgentActor, ServedSessionEnded};
+use crate::domain::{
+    now_ms, secret_matches, AgentId, AgentInfo, CallStats, ClientRef, EndReason, Event, EventBody,
+    Mode, OpaqueJson, Party, ResumeToken, RtcKind, SessionId, Seq,
+};
+use crate::error::ActorError;
+use crate::outbound::{ConnHandle, Outbound, CLOSE_SUPERSEDED};
+use crate::ports::{
+    AppendBatch, NewEvent, QueueEntry, SessionChange, SessionRecord, SessionSnapshot, SessionStatus,
+};
+use crate::registry::{RegisterSession, SessionFinished, SessionGone, TopicChanged};
+use crate::settings::Deps;
+use crate::views::SessionView;
+
+/// What a customer asks for in `join`.
+#[derive(Clone, Debug)]
+pub struct JoinRequest {
+    pub name: Arc<str>,
+    pub topic: Arc<str>,
+    pub mode: Mode,
+}
+
+/// Where the conversation stands.
+#[derive(Clone, Debug, PartialEq)]
+enum Phase {
+    Waiting { queued_at_ms: i64 },
+    Active { agent: AgentInfo },
+    Ended,
+}
+
+/// Who gets told when an event is committed.
+enum Reply {
+    /// Ack `client_ref` on this connection (with the session id when asked).
+    Ack { conn: ConnHandle, client_ref: ClientRef, with_session: bool },
+    /// Answer an actor that waits for the seq (take → assigned).
+    Seq(oneshot::Sender<Result<Seq, ActorError>>),
+}
+
+/// What else to do once an event is committed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AfterCommit {
+    Nothing,
+    EnterQueue,
+    ReturnToQueueHead,
+    Finish,
+}
+
+struct Pending {
+    event: Arc<Event>,
+    key: Option<Arc<str>>,
+    change: Option<SessionChange>,
+    replies: Vec<Reply>,
+    after: AfterCommit,
+    /// The phase before this event changed it, restored if it is not stored.
+    revert: Option<Phase>,
+}
+
+/// The agent side of a conversation.
+struct AgentLink {
+    info: AgentInfo,
+    addr: Option<Addr<AgentActor>>,
+    /// Live events go here once the agent took or resumed the session.
+    conn: Option<ConnHandle>,
+}
+
+pub struct SessionActor {
+    deps: Deps,
+    record: SessionRecord,
+    phase: Phase,
+    /// Highest seq handed out (committed or in flight).
+    last_allocated: Seq,
+    /// Highest seq known to be stored.
+    last_committed: Seq,
+    /// Idempotency keys (`customer:<ref>`, `agent:<id>:<ref>`) → their seq.
+    keys: HashMap<Arc<str>, Seq>,
+    pending: Vec<Pending>,
+    in_flight: Vec<Pending>,
+    customer: Option<ConnHandle>,
+    agent: Option<AgentLink>,
+    /// Set only on the actor that created the session: the token goes into
+    /// the live `session` event and nowhere else.
+    fresh_token: Option<ResumeToken>,
+    customer_timer: Option<SpawnHandle>,
+    agent_timer: Option<SpawnHandle>,
+    last_queue: Option<(usize, usize, u64)>,
+    /// Set by a handler that changes the phase just before it appends the
+    /// event that records the change.
+    phase_before: Option<Phase>,
+    stats: Option<CallStats>,
+    started_at_ms: i64,
+    span: tracing::Span,
+}
+
+impl SessionActor {
+    /// Starts a brand-new session for `conn` on the current arbiter. The
+    /// client gets `session`, `queue` and the join ack once seq 1 is stored.
+    pub fn open(deps: Deps, join: JoinRequest, conn: ConnHandle, join_ref: Option<ClientRef>) -> (SessionId, Addr<SessionActor>) {
+        let token = ResumeToken::generate();
+        let now = now_ms();
+        let record = SessionRecord {
+            id: crate::domain::new_session_id(),
+            topic: join.topic,
+            mode: join.mode,
+            customer_name: join.name,
+            resume_token_hash: Arc::from(token.hash()),
+            created_at_ms: now,
+        };
+        let mut actor = SessionActor::new(deps, record, Phase::Waiting { queued_at_ms: now }, 0, Vec::new());
+        actor.customer = Some(conn.clone());
+        actor.fresh_token = Some(token);
+        let id = actor.record.id.clone();
+        let addr = SessionActor::create(move |ctx| {
+            let body = EventBody::Session {
+                resume_token: actor.fresh_token.as_ref().map(|t| t.0.clone()),
+                topic: actor.record.topic.clone(),
+                mode: actor.record.mode,
+            };
+            let change = SessionChange::Create(actor.record.clone(), SessionStatus::Waiting { queued_at_ms: now });
+            let replies = match join_ref {
+                Some(r) => vec![Reply::Ack { conn, client_ref: r, with_session: true }],
+                None => Vec::new(),
+            };
+            actor.append(body, None, Some(change), replies, AfterCommit::EnterQueue, ctx);
+            actor
+        });
+        (id, addr)
+    }
+
+    /// Brings a stored, not yet ended session back to life on this node.
+    pub fn restore(deps: Deps, snap: SessionSnapshot) -> Option<Addr<SessionActor>> {
+        let phase = match snap.status {
+            SessionStatus::Waiting { queued_at_ms } => Phase::Waiting { queued_at_ms },
+            SessionStatus::Active { agent, .. } => Phase::Active { agent },
+            SessionStatus::Ended { .. } => return None,
+        };
+        let mut actor = SessionActor::new(deps, snap.record, phase, snap.last_seq, snap.client_keys);
+        if let Phase::Active { agent } = &actor.phase {
+            actor.agent = Some(AgentLink { info: agent.clone(), addr: None, conn: None });
+        }
+        Some(actor.start())
+    }
+
+    fn new(deps: Deps, record: SessionRecord, phase: Phase, last_seq: Seq, keys: Vec<(Arc<str>, Seq)>) -> SessionActor {
+        let span = tracing::info_span!("session", session_id = %record.id, node = %deps.settings.node_id);
+        SessionActor {
+            started_at_ms: record.created_at_ms,
+            deps,
+            record,
+            phase,
+            last_allocated: last_seq,
+            last_committed: last_seq,
+            keys: keys.into_iter().collect(),
+            pending: Vec::new(),
+            in_flight: Vec::new(),
+            customer: None,
+            agent: None,
+            fresh_token: None,
+            customer_timer: None,
+            agent_timer: None,
+            last_queue: None,
+            phase_before: None,
+            stats: None,
+            span,
+        }
+    }
+
+    fn id(&self) -> &SessionId {
+        &self.record.id
+    }
+
+    fn queue_entry(&self, queued_at_ms: i64) -> QueueEntry {
+        QueueEntry {
+            session_id: self.record.id.clone(),
+            topic: self.record.topic.clone(),
+            name: self.record.customer_name.clone(),
+            queued_at_ms,
+        }
+    }
+
+    /// The dashboard line of this session (sessions being served only).
+    fn view(&self) -> Option<SessionView> {
+        let Phase::Active { agent } = &self.phase else { return None };
+        Some(SessionView {
+            session_id: self.record.id.clone(),
+            customer: self.record.customer_name.clone(),
+            agent: Some(agent.name.clone()),
+            topic: self.record.topic.clone(),
+            mode: self.record.mode,
+            started_at_ms: self.started_at_ms,
+            node: self.deps.settings.node_id.clone(),
+            stats: self.stats,
+        })
+    }
+
+    fn report(&self, ctx: &mut Context<Self>) {
+        self.deps.registry.do_send(RegisterSession {
+            id: self.record.id.clone(),
+            topic: self.record.topic.clone(),
+            addr: ctx.address(),
+            view: self.view(),
+        });
+    }
+
+    // ---- appending -------------------------------------------------------
+
+    /// Numbers an event and queues it for storage. Replies go out after the
+    /// commit. A key seen before answers with its old seq instead.
+    fn append(
+        &mut self,
+        body: EventBody,
+        key: Option<Arc<str>>,
+        change: Option<SessionChange>,
+        mut replies: Vec<Reply>,
+        after: AfterCommit,
+        ctx: &mut Context<Self>,
+    ) {
+        if let Some(k) = &key {
+            if let Some(&seq) = self.keys.get(k) {
+                if seq <= self.last_committed {
+                    for r in replies {
+                        self.answer(r, Ok(seq));
+                    }
+                } else if let Some(p) = self
+                    .in_flight
+                    .iter_mut()
+                    .chain(self.pending.iter_mut())
+                    .find(|p| p.event.seq == seq)
+                {
+                    // Same ref again while the first copy is being stored:
+                    // answer both once it is.
+                    p.replies.append(&mut replies);
+                }
+                return;
+            }
+        }
+        self.last_allocated += 1;
+        let event = Arc::new(Event {
+            session_id: self.record.id.clone(),
+            seq: self.last_allocated,
+            at_ms: now_ms(),
+            body,
+        });
+        if let Some(k) = &key {
+            self.keys.insert(k.clone(), event.seq);
+        }
+        let revert = self.phase_before.take();
+        self.pending.push(Pending { event, key, change, replies, after, revert });
+        self.flush(ctx);
+    }
+
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        if !self.in_flight.is_empty() || self.pending.is_empty() {
+            return;
+        }
+        self.in_flight = std::mem::take(&mut self.pending);
+        let mut change = None;
+        let events = self
+            .in_flight
+            .iter()
+            .map(|p| {
+                if let Some(c) = &p.change {
+                    change = Some(merge_change(change.take(), c.clone()));
+                }
+                NewEvent { event: p.event.clone(), client_key: p.key.clone() }
+            })
+            .collect();
+        let batch = AppendBatch { session_id: self.record.id.clone(), events, change };
+        let fut = self.deps.store.append(batch);
+        ctx.spawn(fut.into_actor(self).map(|res, act, ctx| act.committed(res, ctx)));
+    }
+
+    fn committed(&mut self, res: Result<(), crate::error::StoreError>, ctx: &mut Context<Self>) {
+        let _g = self.span.clone().entered();
+        let batch = std::mem::take(&mut self.in_flight);
+        match res {
+            Ok(()) => {
+                for p in batch {
+                    self.last_committed = p.event.seq;
+                    self.deliver(&p.event);
+                    for r in p.replies {
+                        self.answer(r, Ok(p.event.seq));
+                    }
+                    self.after_commit(p.after, ctx);
+                }
+                self.flush(ctx);
+            }
+            Err(e) => {
+                warn!(error = %e, "storing events failed; answering unavailable");
+                let err = ActorError::from(e);
+                let failed: Vec<Pending> = batch.into_iter().chain(std::mem::take(&mut self.pending)).collect();
+                self.last_allocated = self.last_committed;
+                if let Some(phase) = failed.iter().find_map(|p| p.revert.clone()) {
+                    self.revert_to(phase, ctx);
+                }
+                for p in failed {
+                    if let Some(k) = &p.key {
+                        self.keys.remove(k);
+                    }
+                    for r in p.replies {
+                        self.answer(r, Err(err.clone()));
+                    }
+                    if p.event.seq == 1 {
+                        // The session itself was never stored: it does not exist.
+                        if let Some(c) = self.customer.take() {
+                            c.push(Outbound::Detached { session_id: self.record.id.clone() });
+                        }
+                        ctx.stop();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Undoes a phase change whose event could not be stored. A customer
+    /// whose assignment failed goes back to the head of the queue.
+    fn revert_to(&mut self, phase: Phase, ctx: &mut Context<Self>) {
+        let was_active = matches!(self.phase, Phase::Active { .. });
+        self.phase = phase;
+        if let (true, Phase::Waiting { queued_at_ms }) = (was_active, &self.phase) {
+            self.agent = None;
+            let entry = self.queue_entry(*queued_at_ms);
+            let queue = self.deps.queue.clone();
+            ctx.wait(async move { queue.push_front(entry).await }.into_actor(self).map(|_, act, _| {
+                act.deps.registry.do_send(TopicChanged { topic: act.record.topic.clone() });
+            }));
+        }
+        self.report(ctx);
+    }
+
+    fn answer(&self, reply: Reply, res: Result<Seq, ActorError>) {
+        match reply {
+            Reply::Ack { conn, client_ref, with_session } => {
+                let frame = match res {
+                    Ok(seq) => Outbound::Ack {
+                        client_ref,
+                        seq: Some(seq),
+                        session_id: with_session.then(|| self.record.id.clone()),
+                    },
+                    Err(error) => Outbound::Error { client_ref: Some(client_ref), error },
+                };
+                conn.push(frame);
+            }
+            Reply::Seq(tx) => {
+                let _ = tx.send(res);
+            }
+        }
+    }
+
+    /// Sends a committed event to the sides it concerns. The sender of a
+    /// message or rtc does not get its own copy live (it has the ack); it
+    /// is in the stream for replay either way.
+    fn deliver(&mut self, event: &Arc<Event>) {
+        let (to_customer, to_agent) = match &event.body {
+            EventBody::Session { .. } => (true, false),
+            EventBody::Message { from, .. } | EventBody::Rtc { from, .. } => match from {
+                Party::Customer => (false, true),
+                Party::Agent | Party::Ai => (true, false),
+                Party::System => (true, true),
+            },
+            EventBody::Assigned { .. } | EventBody::Ended { .. } => (true, true),
+        };
+        if to_customer {
+            if let Some(c) = &self.customer {
+                if !c.push(Outbound::Event(event.clone())) {
+                    self.customer = None;
+                }
+            }
+        }
+        if to_agent {
+            if let Some(link) = &mut self.agent {
+                if let Some(c) = &link.conn {
+                    if !c.push(Outbound::Event(event.clone())) {
+                        link.conn = None;
+                    }
+                }
+            }
+        }
+        if let EventBody::Session { resume_token: Some(_), .. } = &event.body {
+            self.fresh_token = None;
+        }
+    }
+
+    fn after_commit(&mut self, after: AfterCommit, ctx: &mut Context<Self>) {
+        match after {
+            AfterCommit::Nothing => {}
+            AfterCommit::EnterQueue | AfterCommit::ReturnToQueueHead => {
+                let Phase::Waiting { queued_at_ms } = self.phase else { return };
+                let entry = self.queue_entry(queued_at_ms);
+                let queue = self.deps.queue.clone();
+                let head = after == AfterCommit::ReturnToQueueHead;
+                let fut = async move {
+                    if head {
+                        queue.push_front(entry).await.map(|()| 1)
+                    } else {
+                        queue.push_back(entry).await
+                    }
+                };
+                // `wait`: the first `queue` frame goes out before anything
+                // that happens to the session next.
+                ctx.wait(fut.into_actor(self).map(|res, act, _ctx| match res {
+                    Ok(position) => {
+                        act.deps.registry.do_send(TopicChanged { topic: act.record.topic.clone() });
+                        act.push_queue(position, position.max(1), None);
+                    }
+                    Err(e) => warn!(error = %e, "could not enter the queue"),
+                }));
+                self.report(ctx);
+            }
+            AfterCommit::Finish => {
+                self.finish(ctx);
+            }
+        }
+    }
+
+    fn push_queue(&mut self, position: usize, waiting: usize, eta_s: Option<u64>) {
+        let eta_s = eta_s.unwrap_or_else(|| {
+            self.deps.settings.initial_handle_time.as_secs() * position as u64
+        });
+        let now = (position, waiting, eta_s);
+        if self.last_queue == Some(now) {
+            return;
+        }
+        if let Some(c) = &self.customer {
+            if c.push(Outbound::Queue { session_id: self.record.id.clone(), position, waiting, eta_s }) {
+                self.last_queue = Some(now);
+            }
+        }
+    }
+
+    // ---- the end -----------------------------------------------------------
+
+    /// Ends the session with `reason` (stored as `ended`).
+    fn end(&mut self, reason: EndReason, replies: Vec<Reply>, ctx: &mut Context<Self>) {
+        if self.phase == Phase::Ended {
+            return;
+        }
+        if let Phase::Waiting { .. } = self.phase {
+            let queue = self.deps.queue.clone();
+            let (topic, id) = (self.record.topic.clone(), self.record.id.clone());
+            ctx.wait(
+                async move { queue.remove(&topic, &id).await }
+                    .into_actor(self)
+                    .map(|_, act, _| act.deps.registry.do_send(TopicChanged { topic: act.record.topic.clone() })),
+            );
+        }
+        self.phase_before = Some(std::mem::replace(&mut self.phase, Phase::Ended));
+        let change = SessionChange::Status(SessionStatus::Ended { reason, at_ms: now_ms() });
+        self.append(EventBody::Ended { reason }, None, Some(change), replies, AfterCommit::Finish, ctx);
+    }
+
+    fn finish(&mut self, ctx: &mut Context<Self>) {
+        info!("session ended");
+        // Handle time counts from the assignment (`started_at_ms` is reset then).
+        let handle_ms = self.agent.as_ref().map(|_| now_ms() - self.started_at_ms);
+        self.deps.registry.do_send(SessionFinished {
+            id: self.record.id.clone(),
+            topic: self.record.topic.clone(),
+            handle_ms,
+        });
+        if let Some(link) = &self.agent {
+            if let Some(addr) = &link.addr {
+                addr.do_send(ServedSessionEnded { session_id: self.record.id.clone() });
+            }
+        }
+        if let Some(c) = &self.customer {
+            c.push(Outbound::Detached { session_id: self.record.id.clone() });
+        }
+        for t in [self.customer_timer.take(), self.agent_timer.take()].into_iter().flatten() {
+            ctx.cancel_future(t);
+        }
+        ctx.run_later(self.deps.settings.ended_linger, |_, ctx| ctx.stop());
+    }
+
+    // ---- connections -------------------------------------------------------
+
+    fn customer_gone(&mut self, ctx: &mut Context<Self>) {
+        self.customer = None;
+        if self.phase == Phase::Ended || self.customer_timer.is_some() {
+            return;
+        }
+        let grace = self.deps.settings.customer_grace;
+        self.customer_timer = Some(ctx.run_later(grace, |act, ctx| {
+            act.customer_timer = None;
+            if act.customer.is_none() {
+                let _g = act.span.clone().entered();
+                info!("customer did not come back; ending the session");
+                act.end(EndReason::Timeout, Vec::new(), ctx);
+            }
+        }));
+    }
+
+    fn start_agent_grace(&mut self, ctx: &mut Context<Self>) {
+        if self.agent_timer.is_some() {
+            return;
+        }
+        let grace = self.deps.settings.agent_grace;
+        self.agent_timer = Some(ctx.run_later(grace, |act, ctx| {
+            act.agent_timer = None;
+            let lost = act.agent.as_ref().map(|l| l.conn.is_none() && l.addr.as_ref().is_none_or(|a| !a.connected()));
+            if lost == Some(true) {
+                let id = act.agent.as_ref().map(|l| l.info.id.clone());
+                if let Some(id) = id {
+                    act.agent_lost(&id, ctx);
+                }
+            }
+        }));
+    }
+
+    /// The agent is gone for good: the customer goes back to the head.
+    fn agent_lost(&mut self, agent_id: &AgentId, ctx: &mut Context<Self>) {
+        let Phase::Active { agent } = &self.phase else { return };
+        if &agent.id != agent_id {
+            return;
+        }
+        let _g = self.span.clone().entered();
+        info!(agent_id = %agent_id, "agent lost; customer goes back to the head of the queue");
+        self.agent = None;
+        // Negative times sort before every real one: the most recently
+        // returned customer is the very first.
+        let queued_at_ms = -now_ms();
+        self.phase = Phase::Waiting { queued_at_ms };
+        self.last_queue = None;
+        let text: Arc<str> = Arc::from("Your agent was disconnected. You are first in line again.");
+        let msg_id = self.msg_id(self.last_allocated + 1);
+        let change = SessionChange::Status(SessionStatus::Waiting { queued_at_ms });
+        self.append(
+            EventBody::Message { from: Party::System, text, msg_id },
+            None,
+            Some(change),
+            Vec::new(),
+            AfterCommit::ReturnToQueueHead,
+            ctx,
+        );
+    }
+
+    fn msg_id(&self, seq: Seq) -> Arc<str> {
+        Arc::from(format!("{}-{}", self.record.id, seq))
+    }
+
+    /// Replays events after `last_seq` to `conn`, page by page, holding the
+    /// actor (`ctx.wait`) so no live event overtakes the replay. Then
+    /// `then` runs (it attaches the connection for live events).
+    fn replay(
+        &mut self,
+        conn: ConnHandle,
+        last_seq: Seq,
+        then: impl FnOnce(&mut SessionActor, &mut Context<Self>, Result<(), ActorError>) + 'static,
+        ctx: &mut Context<Self>,
+    ) {
+        let store = self.deps.store.clone();
+        let id = self.record.id.clone();
+        let upto = self.last_committed;
+        let page = self.deps.settings.replay_page;
+        let fut = async move {
+            let mut after = last_seq.max(0);
+            while after < upto {
+                let events = store.events_after(&id, after, page).await?;
+                let Some(last) = events.last().map(|e| e.seq) else { break };
+                for e in events {
+                    if e.seq > upto {
+                        break;
+                    }
+                    // Every replayed event is checked: this session, next seq.
+                    if e.session_id != id || e.seq <= after {
+                        warn!(seq = e.seq, "skipping a replayed event that is not next in this session");
+                        continue;
+                    }
+                    after = e.seq;
+                    if !conn.push_wait(Outbound::Event(e)).await {
+                        return Ok(());
+                    }
+                }
+                if last >= upto {
+                    break;
+                }
+            }
+            Ok::<(), crate::error::StoreError>(())
+        };
+        ctx.wait(fut.into_actor(self).map(move |res, act, ctx| then(act, ctx, res.map_err(ActorError::from))));
+    }
+}
+
+/// Within one batch, the latest status wins, and a creation stays a creation.
+fn merge_change(prev: Option<SessionChange>, next: SessionChange) -> SessionChange {
+    match (prev, next) {
+        (Some(SessionChange::Create(rec, _)), SessionChange::Status(s)) => SessionChange::Create(rec, s),
+        (_, next) => next,
+    }
+}
+
+impl Actor for SessionActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Replay may wait for a slow client; the mailbox must not be the
+        // limit meanwhile.
+        ctx.set_mailbox_capacity(1024);
+        self.report(ctx);
+        if self.agent.is_some() && self.phase != Phase::Ended {
+            // Restored with an agent that has yet to come back.
+            self.start_agent_grace(ctx);
+        }
+        if self.customer.is_none() {
+            self.customer_gone(ctx);
+        }
+    }
+
+    fn stopped(&mut self, ctx: &mut Context<Self>) {
+        self.deps.registry.do_send(SessionGone { id: self.record.id.clone(), addr: ctx.address() });
+    }
+}
+
+// ---- messages ----------------------------------------------------------------
+
+/// What a customer's connection forwards to its session.
+#[derive(Debug)]
+pub enum CustomerCmd {
+    Say { text: Arc<str>, client_ref: Option<ClientRef> },
+    Typing { on: bool },
+    Rtc { kind: RtcKind, data: OpaqueJson, client_ref: Option<ClientRef> },
+    Stats(CallStats),
+    Leave { client_ref: Option<ClientRef> },
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct FromCustomer {
+    pub conn: ConnHandle,
+    pub cmd: CustomerCmd,
+}
+
+fn ack_reply(conn: &ConnHandle, r: Option<ClientRef>) -> Vec<Reply> {
+    r.map(|client_ref| vec![Reply::Ack { conn: conn.clone(), client_ref, with_session: false }])
+        .unwrap_or_default()
+}
+
+fn refuse(conn: &ConnHandle, r: Option<ClientRef>, error: ActorError) {
+    conn.push(Outbound::Error { client_ref: r, error });
+}
+
+fn key_of(prefix: &str, r: &Option<ClientRef>) -> Option<Arc<str>> {
+    r.as_ref().map(|r| Arc::from(format!("{prefix}:{}", r.0)))
+}
+
+impl Handler<FromCustomer> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: FromCustomer, ctx: &mut Context<Self>) {
+        let _g = self.span.clone().entered();
+        let FromCustomer { conn, cmd } = msg;
+        if !self.customer.as_ref().is_some_and(|c| c.same(&conn)) {
+            let r = match cmd {
+                CustomerCmd::Say { client_ref, .. } | CustomerCmd::Rtc { client_ref, .. } | CustomerCmd::Leave { client_ref } => client_ref,
+                _ => None,
+            };
+            if r.is_some() {
+                refuse(&conn, r, ActorError::NotFound("this connection is not attached to the session"));
+            }
+            return;
+        }
+        if self.phase == Phase::Ended {
+            let r = match cmd {
+                CustomerCmd::Say { client_ref, .. } | CustomerCmd::Rtc { client_ref, .. } | CustomerCmd::Leave { client_ref } => client_ref,
+                _ => None,
+            };
+            if r.is_some() {
+                refuse(&conn, r, ActorError::NotFound("the session has ended"));
+            }
+            return;
+        }
+        match cmd {
+            CustomerCmd::Say { text, client_ref } => {
+                let key = key_of("customer", &client_ref);
+                let msg_id = self.msg_id(self.last_allocated + 1);
+                let replies = ack_reply(&conn, client_ref);
+                self.append(EventBody::Message { from: Party::Customer, text, msg_id }, key, None, replies, AfterCommit::Nothing, ctx);
+            }
+            CustomerCmd::Rtc { kind, data, client_ref } => {
+                if !matches!(self.phase, Phase::Active { .. }) {
+                    refuse(&conn, client_ref, ActorError::Conflict("no agent is serving this session yet"));
+                    return;
+                }
+                let key = key_of("customer", &client_ref);
+                let replies = ack_reply(&conn, client_ref);
+                self.append(EventBody::Rtc { kind, data, from: Party::Customer }, key, None, replies, AfterCommit::Nothing, ctx);
+            }
+            CustomerCmd::Typing { on } => {
+                if let Some(c) = self.agent.as_ref().and_then(|l| l.conn.as_ref()) {
+                    c.push(Outbound::Typing { session_id: self.record.id.clone(), from: Party::Customer, on });
+                }
+            }
+            CustomerCmd::Stats(stats) => {
+                self.stats = Some(stats);
+                if let Some(c) = self.agent.as_ref().and_then(|l| l.conn.as_ref()) {
+                    c.push(Outbound::Stats { session_id: self.record.id.clone(), stats });
+                }
+                self.report(ctx);
+            }
+            CustomerCmd::Leave { client_ref } => {
+                let replies = ack_reply(&conn, client_ref);
+                self.end(EndReason::CustomerLeft, replies, ctx);
+            }
+        }
+    }
+}
+
+/// A customer connection asks to continue this session.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AttachCustomer {
+    pub conn: ConnHandle,
+    pub resume_token: Arc<str>,
+    pub last_seq: Seq,
+    pub client_ref: Option<ClientRef>,
+}
+
+impl Handler<AttachCustomer> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: AttachCustomer, ctx: &mut Context<Self>) {
+        let _g = self.span.clone().entered();
+        if !secret_matches(&msg.resume_token, &self.record.resume_token_hash) {
+            refuse(&msg.conn, msg.client_ref, ActorError::Unauthorized("wrong resume token"));
+            return;
+        }
+        if self.phase == Phase::Ended {
+            refuse(&msg.conn, msg.client_ref, ActorError::NotFound("the session has ended"));
+            return;
+        }
+        if let Some(old) = self.customer.take() {
+            if !old.same(&msg.conn) {
+                old.push(Outbound::Detached { session_id: self.record.id.clone() });
+                old.push(Outbound::Close { code: CLOSE_SUPERSEDED, reason: "session resumed elsewhere" });
+            }
+        }
+        if let Some(t) = self.customer_timer.take() {
+            ctx.cancel_future(t);
+        }
+        let conn = msg.conn.clone();
+        conn.push(Outbound::Resumed { session_id: self.record.id.clone() });
+        if let Some(r) = msg.client_ref.clone() {
+            conn.push(Outbound::Ack { client_ref: r, seq: None, session_id: Some(self.record.id.clone()) });
+        }
+        self.replay(conn.clone(), msg.last_seq, move |act, ctx, res| {
+            if let Err(error) = res {
+                conn.push(Outbound::Error { client_ref: None, error });
+                conn.push(Outbound::Detached { session_id: act.record.id.clone() });
+                act.customer_gone(ctx);
+                return;
+            }
+            act.customer = Some(conn);
+            act.last_queue = None;
+            if let Phase::Waiting { .. } = act.phase {
+                // The current position, right after the replay.
+                act.deps.registry.do_send(TopicChanged { topic: act.record.topic.clone() });
+            }
+        }, ctx);
+    }
+}
+
+/// The customer's connection closed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CustomerDetached {
+    pub conn_id: u64,
+}
+
+impl Handler<CustomerDetached> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: CustomerDetached, ctx: &mut Context<Self>) {
+        if self.customer.as_ref().is_some_and(|c| c.conn_id == msg.conn_id) {
+            self.customer_gone(ctx);
+        }
+    }
+}
+
+/// The registry's periodic word on where this customer stands.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct QueuePosition {
+    pub position: usize,
+    pub waiting: usize,
+    pub eta_s: u64,
+}
+
+impl Handler<QueuePosition> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: QueuePosition, _ctx: &mut Context<Self>) {
+        if let Phase::Waiting { .. } = self.phase {
+            self.push_queue(msg.position, msg.waiting, Some(msg.eta_s));
+        }
+    }
+}
+
+/// An agent took this customer out of the queue; the answer is the seq of
+/// `assigned` once stored.
+#[derive(Message)]
+#[rtype(result = "Result<Seq, ActorError>")]
+pub struct Assign {
+    pub agent: AgentInfo,
+    pub agent_addr: Addr<AgentActor>,
+    pub conn: Option<ConnHandle>,
+}
+
+impl Handler<Assign> for SessionActor {
+    type Result = ResponseFuture<Result<Seq, ActorError>>;
+
+    fn handle(&mut self, msg: Assign, ctx: &mut Context<Self>) -> Self::Result {
+        let _g = self.span.clone().entered();
+        if !matches!(self.phase, Phase::Waiting { .. }) {
+            let e = if self.phase == Phase::Ended {
+                ActorError::NotFound("the session has ended")
+            } else {
+                ActorError::Conflict("another agent has taken this customer")
+            };
+            return Box::pin(async move { Err(e) });
+        }
+        let (tx, rx) = oneshot::channel();
+        info!(agent_id = %msg.agent.id, "assigned");
+        self.phase_before = Some(std::mem::replace(&mut self.phase, Phase::Active { agent: msg.agent.clone() }));
+        self.started_at_ms = now_ms();
+        self.agent = Some(AgentLink { info: msg.agent.clone(), addr: Some(msg.agent_addr), conn: msg.conn });
+        if let Some(t) = self.agent_timer.take() {
+            ctx.cancel_future(t);
+        }
+        let change = SessionChange::Status(SessionStatus::Active { agent: msg.agent.clone(), assigned_at_ms: now_ms() });
+        self.append(EventBody::Assigned { agent: msg.agent }, None, Some(change), vec![Reply::Seq(tx)], AfterCommit::Nothing, ctx);
+        self.report(ctx);
+        Box::pin(async move { rx.await.unwrap_or(Err(ActorError::Internal)) })
+    }
+}
+
+/// What an agent does in the session it serves.
+#[derive(Debug)]
+pub enum AgentCmd {
+    Say { text: Arc<str>, client_ref: Option<ClientRef> },
+    Typing { on: bool },
+    Rtc { kind: RtcKind, data: OpaqueJson, client_ref: Option<ClientRef> },
+    End { client_ref: Option<ClientRef> },
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct FromAgent {
+    pub agent_id: AgentId,
+    pub conn: ConnHandle,
+    pub cmd: AgentCmd,
+}
+
+impl Handler<FromAgent> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: FromAgent, ctx: &mut Context<Self>) {
+        let _g = self.span.clone().entered();
+        let FromAgent { agent_id, conn, cmd } = msg;
+        let client_ref = match &cmd {
+            AgentCmd::Say { client_ref, .. } | AgentCmd::Rtc { client_ref, .. } | AgentCmd::End { client_ref } => client_ref.clone(),
+            AgentCmd::Typing { .. } => None,
+        };
+        let serves = matches!(&self.phase, Phase::Active { agent } if agent.id == agent_id);
+        if !serves {
+            if client_ref.is_some() {
+                let e = if self.phase == Phase::Ended {
+                    ActorError::NotFound("the session has ended")
+                } else {
+                    ActorError::Forbidden("you do not serve this session")
+                };
+                refuse(&conn, client_ref, e);
+            }
+            return;
+        }
+        let prefix = format!("agent:{agent_id}");
+        match cmd {
+            AgentCmd::Say { text, client_ref } => {
+                let key = key_of(&prefix, &client_ref);
+                let msg_id = self.msg_id(self.last_allocated + 1);
+                let replies = ack_reply(&conn, client_ref);
+                self.append(EventBody::Message { from: Party::Agent, text, msg_id }, key, None, replies, AfterCommit::Nothing, ctx);
+            }
+            AgentCmd::Rtc { kind, data, client_ref } => {
+                let key = key_of(&prefix, &client_ref);
+                let replies = ack_reply(&conn, client_ref);
+                self.append(EventBody::Rtc { kind, data, from: Party::Agent }, key, None, replies, AfterCommit::Nothing, ctx);
+            }
+            AgentCmd::Typing { on } => {
+                if let Some(c) = &self.customer {
+                    c.push(Outbound::Typing { session_id: self.record.id.clone(), from: Party::Agent, on });
+                }
+            }
+            AgentCmd::End { client_ref } => {
+                let replies = ack_reply(&conn, client_ref);
+                self.end(EndReason::AgentEnded, replies, ctx);
+            }
+        }
+    }
+}
+
+/// The serving agent reconnected and asks for the events it missed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AttachAgent {
+    pub agent_id: AgentId,
+    pub agent_addr: Addr<AgentActor>,
+    pub conn: ConnHandle,
+    pub last_seq: Seq,
+    pub client_ref: Option<ClientRef>,
+    /// Told whether the resume worked, so the agent actor knows what it serves.
+    pub done: oneshot::Sender<Result<(), ActorError>>,
+}
+
+impl Handler<AttachAgent> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: AttachAgent, ctx: &mut Context<Self>) {
+        let _g = self.span.clone().entered();
+        let serves = matches!(&self.phase, Phase::Active { agent } if agent.id == msg.agent_id);
+        if !serves {
+            let e = if self.phase == Phase::Ended {
+                ActorError::NotFound("the session has ended")
+            } else {
+                ActorError::Forbidden("you do not serve this session")
+            };
+            let _ = msg.done.send(Err(e));
+            return;
+        }
+        if let Some(t) = self.agent_timer.take() {
+            ctx.cancel_future(t);
+        }
+        if let Some(link) = &mut self.agent {
+            link.addr = Some(msg.agent_addr);
+            link.conn = None;
+        }
+        let conn = msg.conn.clone();
+        conn.push(Outbound::Resumed { session_id: self.record.id.clone() });
+        if let Some(r) = msg.client_ref.clone() {
+            conn.push(Outbound::Ack { client_ref: r, seq: None, session_id: Some(self.record.id.clone()) });
+        }
+        let done = msg.done;
+        self.replay(conn.clone(), msg.last_seq, move |act, _ctx, res| {
+            if res.is_ok() {
+                if let Some(link) = &mut act.agent {
+                    link.conn = Some(conn);
+                }
+            }
+            let _ = done.send(res);
+        }, ctx);
+        self.report(ctx);
+    }
+}
+
+/// The serving agent's connection closed; it has the grace period to resume.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AgentDetached {
+    pub agent_id: AgentId,
+}
+
+impl Handler<AgentDetached> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: AgentDetached, _ctx: &mut Context<Self>) {
+        if let Some(link) = &mut self.agent {
+            if link.info.id == msg.agent_id {
+                link.conn = None;
+            }
+        }
+    }
+}
+
+/// The serving agent did not come back within its grace period.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AgentLost {
+    pub agent_id: AgentId,
+}
+
+impl Handler<AgentLost> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: AgentLost, ctx: &mut Context<Self>) {
+        self.agent_lost(&msg.agent_id, ctx);
+    }
+}
+
+/// Asks who serves this session (used by an agent resuming after a restart).
+#[derive(Message)]
+#[rtype(result = "Option<AgentId>")]
+pub struct ServingAgent;
+
+impl Handler<ServingAgent> for SessionActor {
+    type Result = Option<AgentId>;
+
+    fn handle(&mut self, _: ServingAgent, _ctx: &mut Context<Self>) -> Option<AgentId> {
+        match &self.phase {
+            Phase::Active { agent } => Some(agent.id.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// Test-only: makes the actor's handler panic, to prove supervision.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Crash;
+
+impl Handler<Crash> for SessionActor {
+    type Result = ();
+
+    #[allow(clippy::panic)]
+    fn handle(&mut self, _: Crash, _ctx: &mut Context<Self>) {
+        panic!("crash requested for session {}", self.id());
+    }
+}

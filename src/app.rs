@@ -1,0 +1,242 @@
+//! Wiring: builds the node from its configuration (database, ports, actors,
+//! limits, metrics) and runs the HTTP server until it is told to stop.
+
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::{Actor, Addr};
+use actix_web::{web, App, HttpServer};
+use duet_actors::error::ActorError;
+use duet_actors::ports::{AppendBatch, EventStore, PortFuture, SessionSnapshot};
+use duet_actors::queue::MemoryQueue;
+use duet_actors::registry::Recover;
+use duet_actors::settings::{Deps, Settings};
+use duet_actors::RegistryActor;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+use crate::auth::{LogNotifier, Notifier};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::storage::{Database, DbOptions};
+
+/// Everything a request handler or socket needs, shared by all workers.
+pub struct AppState {
+    pub config: Config,
+    pub db: Database,
+    pub deps: Deps,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub notifier: Box<dyn Notifier>,
+    db_ok: AtomicBool,
+}
+
+impl AppState {
+    /// The last background check found the database down.
+    pub fn db_down(&self) -> bool {
+        !self.db_ok.load(Ordering::Relaxed)
+    }
+}
+
+/// Per-IP and per-admin limits that hold on this node (governor). The
+/// floors are PROTOCOL.md's: 200 upgrades and 200 joins per 10 s per IP, 3
+/// code requests per minute per admin id.
+pub struct Limits {
+    enabled: bool,
+    upgrades: DefaultKeyedRateLimiter<IpAddr>,
+    joins: DefaultKeyedRateLimiter<IpAddr>,
+    otp_per_admin: DefaultKeyedRateLimiter<String>,
+    otp_per_ip: DefaultKeyedRateLimiter<IpAddr>,
+}
+
+fn per_10s(n: u32) -> Quota {
+    let burst = NonZeroU32::new(n).expect("limit is not zero");
+    Quota::with_period(Duration::from_secs(10) / n).expect("period is not zero").allow_burst(burst)
+}
+
+fn limited(retry: Duration) -> ActorError {
+    ActorError::RateLimited { message: "too many requests; slow down", retry_after_ms: retry.as_millis().max(1) as u64 }
+}
+
+impl Limits {
+    fn new(enabled: bool) -> Limits {
+        Limits {
+            enabled,
+            upgrades: RateLimiter::keyed(per_10s(200)),
+            joins: RateLimiter::keyed(per_10s(200)),
+            otp_per_admin: RateLimiter::keyed(Quota::per_minute(NonZeroU32::new(3).expect("3 is not zero"))),
+            otp_per_ip: RateLimiter::keyed(Quota::per_minute(NonZeroU32::new(30).expect("30 is not zero"))),
+        }
+    }
+
+    fn check<K: std::hash::Hash + Eq + Clone>(&self, l: &DefaultKeyedRateLimiter<K>, key: &K) -> Result<(), ActorError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        l.check_key(key).map_err(|not_until| {
+            limited(not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default())))
+        })
+    }
+
+    pub fn upgrade(&self, ip: IpAddr) -> Result<(), ActorError> {
+        self.check(&self.upgrades, &ip)
+    }
+
+    pub fn join(&self, ip: IpAddr) -> Result<(), ActorError> {
+        self.check(&self.joins, &ip)
+    }
+
+    pub fn otp_request(&self, ip: IpAddr, admin_id: &str) -> Result<(), ActorError> {
+        self.check(&self.otp_per_ip, &ip)?;
+        self.check(&self.otp_per_admin, &admin_id.to_owned())
+    }
+
+    pub fn otp_verify(&self, ip: IpAddr) -> Result<(), ActorError> {
+        self.check(&self.otp_per_ip, &ip)
+    }
+
+    fn forget_idle(&self) {
+        self.upgrades.retain_recent();
+        self.joins.retain_recent();
+        self.otp_per_admin.retain_recent();
+        self.otp_per_ip.retain_recent();
+    }
+}
+
+/// Counts and times what the actors store, without the actors knowing.
+struct MeteredStore {
+    inner: Arc<dyn EventStore>,
+    metrics: Arc<Metrics>,
+}
+
+impl EventStore for MeteredStore {
+    fn append(&self, batch: AppendBatch) -> PortFuture<()> {
+        let n = batch.events.len() as u64;
+        let fut = self.inner.append(batch);
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            let res = fut.await;
+            metrics.store_commit_seconds.observe(started.elapsed().as_secs_f64());
+            match &res {
+                Ok(()) => {
+                    metrics.events_stored.inc_by(n);
+                }
+                Err(_) => {
+                    metrics.store_failures.inc();
+                }
+            }
+            res
+        })
+    }
+    fn load_session(&self, id: &duet_actors::domain::SessionId) -> PortFuture<Option<SessionSnapshot>> {
+        self.inner.load_session(id)
+    }
+    fn events_after(&self, id: &duet_actors::domain::SessionId, after: i64, limit: u32) -> PortFuture<Vec<Arc<duet_actors::domain::Event>>> {
+        self.inner.events_after(id, after, limit)
+    }
+    fn events_before(&self, id: &duet_actors::domain::SessionId, before: i64, limit: u32) -> PortFuture<Vec<Arc<duet_actors::domain::Event>>> {
+        self.inner.events_before(id, before, limit)
+    }
+    fn open_sessions(&self) -> PortFuture<Vec<SessionSnapshot>> {
+        self.inner.open_sessions()
+    }
+}
+
+/// Opens the database with the configured pool and timeouts.
+pub fn open_database(config: &Config) -> Result<Database, crate::storage::StorageError> {
+    Database::open(
+        &config.database_url,
+        DbOptions { pool_size: config.db_pool_size, connect_timeout: config.db_timeout, ..DbOptions::default() },
+    )
+}
+
+fn settings(config: &Config) -> Settings {
+    Settings {
+        node_id: Arc::from(config.node_id.as_str()),
+        agent_grace: config.agent_grace,
+        customer_grace: config.customer_grace,
+        ..Settings::default()
+    }
+}
+
+/// Starts the node's actors on the current actix system.
+pub async fn build_state(config: Config, db: Database) -> anyhow::Result<Arc<AppState>> {
+    let metrics = Arc::new(Metrics::new());
+    let store: Arc<dyn EventStore> = Arc::new(MeteredStore { inner: db.event_store(), metrics: metrics.clone() });
+    let queue = Arc::new(MemoryQueue::new());
+    let settings = Arc::new(settings(&config));
+    let registry: Addr<RegistryActor> = RegistryActor::new(store.clone(), queue.clone(), settings.clone()).start();
+    match registry.send(Recover).await {
+        Ok(Ok(n)) => tracing::info!(sessions = n, "recovery done"),
+        Ok(Err(e)) => anyhow::bail!("could not recover open sessions from the database: {e}"),
+        Err(e) => anyhow::bail!("registry did not answer: {e}"),
+    }
+    let deps = Deps { store, queue, registry, settings };
+    let limits = Limits::new(config.rate_limits);
+    let state = Arc::new(AppState {
+        config,
+        db,
+        deps,
+        metrics,
+        limits,
+        notifier: Box::new(LogNotifier),
+        db_ok: AtomicBool::new(true),
+    });
+    spawn_housekeeping(state.clone());
+    Ok(state)
+}
+
+/// Checks the database every second (for `/ready` and fast `unavailable`)
+/// and forgets idle rate-limit keys.
+fn spawn_housekeeping(state: Arc<AppState>) {
+    actix_web::rt::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut n = 0u64;
+        let mut was_ok = true;
+        loop {
+            tick.tick().await;
+            let ok = state.db.ping().await.is_ok();
+            state.db_ok.store(ok, Ordering::Relaxed);
+            state.metrics.db_up.set(i64::from(ok));
+            if ok != was_ok {
+                if ok {
+                    tracing::info!("database is back");
+                } else {
+                    tracing::error!("database is unreachable; answering unavailable until it is back");
+                }
+                was_ok = ok;
+            }
+            n += 1;
+            if n % 60 == 0 {
+                state.limits.forget_idle();
+            }
+        }
+    });
+}
+
+/// Binds and runs the HTTP server; returns when it stopped.
+pub async fn serve(state: Arc<AppState>) -> anyhow::Result<()> {
+    let bind = state.config.bind;
+    let workers = state.config.workers;
+    let data = web::Data::from(state.clone());
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .configure(crate::http::configure)
+    })
+    .workers(workers)
+    .backlog(4096)
+    .max_connections(100_000)
+    .shutdown_timeout(5)
+    .bind(bind)?;
+    let addrs: Vec<SocketAddr> = server.addrs();
+    let shown = addrs.first().copied().unwrap_or(bind);
+    let base = format!("http://{shown}");
+    tracing::info!(node = %state.config.node_id, bind = %shown, "duet is listening");
+    println!("duet {} listening on {base} — demo client {base}/  admin panel {base}/admin  health {base}/health  metrics {base}/metrics", env!("CARGO_PKG_VERSION"));
+    server.run().await?;
+    Ok(())
+}

@@ -1,0 +1,370 @@
+//! Configuration: read from the environment once at start, validated, then
+//! passed down as one typed value. Nothing else in duet reads `env::var`.
+//!
+//! `validate` collects every problem before failing, so an operator fixes
+//! them in one go; each message names the variable and what is wrong.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use thiserror::Error;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Env {
+    Development,
+    Production,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// A secret that never shows in `Debug` or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// A trusted proxy: one address or a CIDR block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IpNet {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl IpNet {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let bits = u32::from(self.prefix.min(32));
+                let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let bits = u32::from(self.prefix.min(128));
+                let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+
+    fn parse(s: &str) -> Option<IpNet> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a.trim().parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            Some(p) => p.trim().parse::<u8>().ok().filter(|p| *p <= max)?,
+            None => max,
+        };
+        Some(IpNet { addr, prefix })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub bind: SocketAddr,
+    pub node_id: String,
+    pub env: Env,
+    pub database_url: String,
+    pub redis_url: Option<Secret>,
+    pub allowed_origins: Vec<String>,
+    pub trusted_proxies: Vec<IpNet>,
+    pub max_message_bytes: usize,
+    pub heartbeat: Duration,
+    pub queue_enabled: bool,
+    pub metrics_token: Option<Secret>,
+    pub rate_limits: bool,
+    pub agent_grace: Duration,
+    pub customer_grace: Duration,
+    pub ai_capacity: usize,
+    pub llm_url: Option<String>,
+    pub outbox_frames: usize,
+    pub db_pool_size: u32,
+    pub db_timeout: Duration,
+    pub admin_idle_ttl: Duration,
+    pub admin_max_ttl: Duration,
+    pub otp_ttl: Duration,
+    pub log_format: LogFormat,
+    pub workers: usize,
+}
+
+#[derive(Debug, Error)]
+#[error("invalid configuration:\n  {}", .0.join("\n  "))]
+pub struct ConfigError(pub Vec<String>);
+
+/// Reads variables from a map, collecting problems instead of stopping at
+/// the first.
+struct Reader<'a> {
+    vars: &'a HashMap<String, String>,
+    problems: Vec<String>,
+}
+
+impl Reader<'_> {
+    fn raw(&self, name: &str) -> Option<&str> {
+        self.vars.get(name).map(|s| s.trim()).filter(|s| !s.is_empty())
+    }
+
+    fn string(&self, name: &str, default: &str) -> String {
+        self.raw(name).unwrap_or(default).to_owned()
+    }
+
+    fn parse<T: std::str::FromStr>(&mut self, name: &str, default: T, what: &str) -> T {
+        match self.raw(name) {
+            None => default,
+            Some(v) => match v.parse() {
+                Ok(x) => x,
+                Err(_) => {
+                    self.problems.push(format!("{name}={v:?} is not {what}"));
+                    default
+                }
+            },
+        }
+    }
+
+    fn bool(&mut self, name: &str, default: bool) -> bool {
+        match self.raw(name).map(str::to_ascii_lowercase).as_deref() {
+            None => default,
+            Some("true" | "1" | "yes" | "on") => true,
+            Some("false" | "0" | "no" | "off") => false,
+            Some(v) => {
+                self.problems.push(format!("{name}={v:?} must be true or false (or on/off)"));
+                default
+            }
+        }
+    }
+
+    fn secs(&mut self, name: &str, default: u64, min: u64, max: u64) -> Duration {
+        let v: u64 = self.parse(name, default, "a whole number of seconds");
+        if v < min || v > max {
+            self.problems.push(format!("{name}={v} must be between {min} and {max} seconds"));
+        }
+        Duration::from_secs(v.clamp(min, max))
+    }
+
+    fn list(&self, name: &str) -> Vec<String> {
+        self.raw(name)
+            .map(|v| v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect())
+            .unwrap_or_default()
+    }
+}
+
+fn default_node_id() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "node".to_owned())
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        let vars: HashMap<String, String> = std::env::vars().collect();
+        Config::from_vars(&vars)
+    }
+
+    /// Reads and validates a set of variables (tests pass their own).
+    pub fn from_vars(vars: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        let mut r = Reader { vars, problems: Vec::new() };
+        let env = match r.raw("DUET_ENV").map(str::to_ascii_lowercase).as_deref() {
+            None | Some("development" | "dev") => Env::Development,
+            Some("production" | "prod") => Env::Production,
+            Some(v) => {
+                r.problems.push(format!("DUET_ENV={v:?} must be development or production"));
+                Env::Development
+            }
+        };
+        let bind = r.parse("DUET_BIND", SocketAddr::from(([127, 0, 0, 1], 8080)), "a socket address like 127.0.0.1:8080");
+        let node_id = r.raw("DUET_NODE_ID").map(str::to_owned).unwrap_or_else(default_node_id);
+        if node_id.len() > 64 || !node_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            r.problems.push(format!("DUET_NODE_ID={node_id:?} must be up to 64 letters, digits, '-', '_' or '.'"));
+        }
+        let database_url = r.string("DATABASE_URL", "./data/duet.db");
+        let redis_url = r.raw("REDIS_URL").map(|s| Secret(s.to_owned()));
+        if let Some(u) = &redis_url {
+            if !(u.0.starts_with("redis://") || u.0.starts_with("rediss://")) {
+                r.problems.push("REDIS_URL must start with redis:// or rediss://".to_owned());
+            }
+        }
+        let allowed_origins = r.list("DUET_ALLOWED_ORIGINS");
+        for o in &allowed_origins {
+            if !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
+                r.problems.push(format!("DUET_ALLOWED_ORIGINS entry {o:?} must look like https://example.com (scheme, host, optional port, no path)"));
+            }
+        }
+        let mut trusted_proxies = Vec::new();
+        for p in r.list("DUET_TRUSTED_PROXIES") {
+            match IpNet::parse(&p) {
+                Some(n) => trusted_proxies.push(n),
+                None => r.problems.push(format!("DUET_TRUSTED_PROXIES entry {p:?} is not an IP address or CIDR block")),
+            }
+        }
+        let max_message_bytes: usize = r.parse("DUET_MAX_MESSAGE_BYTES", 65536, "a number of bytes");
+        if !(256..=16 * 1024 * 1024).contains(&max_message_bytes) {
+            r.problems.push(format!("DUET_MAX_MESSAGE_BYTES={max_message_bytes} must be between 256 and 16777216"));
+        }
+        let heartbeat = r.secs("DUET_HEARTBEAT_S", 25, 1, 3600);
+        let queue_enabled = r.bool("DUET_QUEUE_ENABLED", true);
+        let metrics_token = r.raw("DUET_METRICS_TOKEN").map(|s| Secret(s.to_owned()));
+        let rate_limits = r.bool("DUET_RATE_LIMITS", true);
+        let agent_grace = r.secs("DUET_AGENT_GRACE_S", 20, 1, 86400);
+        let customer_grace = r.secs("DUET_CUSTOMER_GRACE_S", 300, 1, 7 * 86400);
+        let ai_capacity: usize = r.parse("DUET_AI_CAPACITY", 50, "a number of sessions");
+        let llm_url = r.raw("DUET_LLM_URL").map(str::to_owned);
+        let outbox_frames: usize = r.parse("DUET_OUTBOX_FRAMES", 1024, "a number of frames");
+        if !(16..=1_000_000).contains(&outbox_frames) {
+            r.problems.push(format!("DUET_OUTBOX_FRAMES={outbox_frames} must be between 16 and 1000000"));
+        }
+        let default_pool = if database_url.starts_with("postgres") { 8 } else { 4 };
+        let db_pool_size: u32 = r.parse("DUET_DB_POOL_SIZE", default_pool, "a number of connections");
+        if !(1..=256).contains(&db_pool_size) {
+            r.problems.push(format!("DUET_DB_POOL_SIZE={db_pool_size} must be between 1 and 256"));
+        }
+        let db_timeout = Duration::from_millis(r.parse("DUET_DB_TIMEOUT_MS", 2000u64, "a number of milliseconds").clamp(100, 60_000));
+        let admin_idle_ttl = r.secs("DUET_ADMIN_IDLE_S", 1800, 60, 30 * 86400);
+        let admin_max_ttl = r.secs("DUET_ADMIN_MAX_S", 12 * 3600, 60, 90 * 86400);
+        let otp_ttl = r.secs("DUET_OTP_TTL_S", 300, 30, 3600);
+        let log_format = match r.raw("DUET_LOG_FORMAT").map(str::to_ascii_lowercase).as_deref() {
+            None => if env == Env::Production { LogFormat::Json } else { LogFormat::Text },
+            Some("json") => LogFormat::Json,
+            Some("text") => LogFormat::Text,
+            Some(v) => {
+                r.problems.push(format!("DUET_LOG_FORMAT={v:?} must be json or text"));
+                LogFormat::Text
+            }
+        };
+        let workers: usize = r.parse(
+            "DUET_WORKERS",
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            "a number of threads",
+        );
+        if env == Env::Production {
+            let notifier = r.raw("DUET_TELEGRAM_BOT_TOKEN").is_some() || r.raw("DUET_NOTIFY_WEBHOOK_URL").is_some();
+            if !notifier {
+                r.problems.push(
+                    "production needs a notifier for one-time codes: set DUET_TELEGRAM_BOT_TOKEN or DUET_NOTIFY_WEBHOOK_URL (codes are never logged in production)".to_owned(),
+                );
+            }
+            if allowed_origins.is_empty() {
+                r.problems.push("production needs DUET_ALLOWED_ORIGINS (the origins of your web apps)".to_owned());
+            }
+        }
+        if !r.problems.is_empty() {
+            return Err(ConfigError(r.problems));
+        }
+        Ok(Config {
+            bind,
+            node_id,
+            env,
+            database_url,
+            redis_url,
+            allowed_origins,
+            trusted_proxies,
+            max_message_bytes,
+            heartbeat,
+            queue_enabled,
+            metrics_token,
+            rate_limits,
+            agent_grace,
+            customer_grace,
+            ai_capacity,
+            llm_url,
+            outbox_frames,
+            db_pool_size,
+            db_timeout,
+            admin_idle_ttl,
+            admin_max_ttl,
+            otp_ttl,
+            log_format,
+            workers: workers.clamp(1, 256),
+        })
+    }
+
+    pub fn is_production(&self) -> bool {
+        self.env == Env::Production
+    }
+
+    /// The admin session cookie's name (`__Host-` in production: HTTPS only,
+    /// no Domain, Path=/).
+    pub fn cookie_name(&self) -> &'static str {
+        if self.is_production() {
+            "__Host-duet_session"
+        } else {
+            "duet_session"
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(kv: &[(&str, &str)]) -> HashMap<String, String> {
+        kv.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn defaults_need_nothing() {
+        let c = Config::from_vars(&HashMap::new()).expect("defaults are valid");
+        assert_eq!(c.bind.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.database_url, "./data/duet.db");
+        assert_eq!(c.max_message_bytes, 65536);
+        assert_eq!(c.heartbeat, Duration::from_secs(25));
+        assert!(c.queue_enabled && c.rate_limits && c.redis_url.is_none());
+        assert_eq!(c.env, Env::Development);
+    }
+
+    #[test]
+    fn every_problem_is_named() {
+        let e = Config::from_vars(&vars(&[
+            ("DUET_BIND", "nope"),
+            ("DUET_HEARTBEAT_S", "0"),
+            ("DUET_QUEUE_ENABLED", "maybe"),
+            ("DUET_TRUSTED_PROXIES", "10.0.0.0/33"),
+        ]))
+        .expect_err("invalid");
+        let all = e.to_string();
+        for name in ["DUET_BIND", "DUET_HEARTBEAT_S", "DUET_QUEUE_ENABLED", "DUET_TRUSTED_PROXIES"] {
+            assert!(all.contains(name), "{name} missing from {all}");
+        }
+    }
+
+    #[test]
+    fn production_refuses_the_log_fallback() {
+        let e = Config::from_vars(&vars(&[("DUET_ENV", "production")])).expect_err("no notifier");
+        assert!(e.to_string().contains("DUET_TELEGRAM_BOT_TOKEN"));
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = Config::from_vars(&vars(&[("DUET_METRICS_TOKEN", "hunter2")])).expect("valid");
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn cidr_matching() {
+        let n = IpNet::parse("10.1.0.0/16").expect("cidr");
+        assert!(n.contains("10.1.2.3".parse().expect("ip")));
+        assert!(!n.contains("10.2.0.1".parse().expect("ip")));
+        let one = IpNet::parse("127.0.0.1").expect("ip");
+        assert!(one.contains("127.0.0.1".parse().expect("ip")));
+        assert!(IpNet::parse("::1/128").expect("v6").contains("::1".parse().expect("ip")));
+    }
+}

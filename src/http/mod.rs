@@ -1,0 +1,98 @@
+//! HTTP routes (PROTOCOL.md, HTTP) and the headers every answer carries.
+
+pub mod admin;
+pub mod client_ip;
+pub mod error;
+pub mod events;
+pub mod ops;
+pub mod pages;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::middleware::{from_fn, DefaultHeaders, Next};
+use actix_web::{web, HttpResponse};
+
+use crate::app::AppState;
+use error::HttpError;
+
+/// Bodies are JSON objects of at most 64 KiB.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// Strict CSP: no inline script or style anywhere.
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self' ws: wss:; media-src 'self' blob:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'";
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    let json = web::JsonConfig::default().limit(BODY_LIMIT).error_handler(|err, _req| {
+        let e = match &err {
+            actix_web::error::JsonPayloadError::Overflow { .. } | actix_web::error::JsonPayloadError::OverflowKnownLength { .. } => HttpError::TooLarge,
+            actix_web::error::JsonPayloadError::ContentType => HttpError::BadRequest("the body must be JSON (Content-Type: application/json)".to_owned()),
+            other => HttpError::BadRequest(format!("invalid JSON body: {other}")),
+        };
+        actix_web::Error::from(e)
+    });
+    let query = web::QueryConfig::default().error_handler(|err, _req| HttpError::BadRequest(format!("invalid query: {err}")).into());
+    let path = web::PathConfig::default().error_handler(|err, _req| HttpError::BadRequest(format!("invalid path: {err}")).into());
+    cfg.app_data(json).app_data(query).app_data(path).service(
+        web::scope("")
+            .wrap(
+                DefaultHeaders::new()
+                    .add((header::CONTENT_SECURITY_POLICY, CSP))
+                    .add((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+                    .add((header::X_FRAME_OPTIONS, "DENY"))
+                    .add((header::REFERRER_POLICY, "no-referrer"))
+                    .add(("Cross-Origin-Opener-Policy", "same-origin"))
+                    .add(("Permissions-Policy", "camera=(), geolocation=(), microphone=(self)")),
+            )
+            .wrap(from_fn(cors))
+            .route("/health", web::get().to(ops::health))
+            .route("/ready", web::get().to(ops::ready))
+            .route("/metrics", web::get().to(ops::metrics))
+            .route("/ws", web::get().to(crate::ws::customer))
+            .route("/admin/ws", web::get().to(crate::ws::agent))
+            .route("/admin/otp/request", web::post().to(admin::otp_request))
+            .route("/admin/otp/verify", web::post().to(admin::otp_verify))
+            .route("/admin/logout", web::post().to(admin::logout))
+            .route("/api/queues", web::get().to(admin::queues))
+            .route("/api/sessions/{id}/events", web::get().to(events::list))
+            .route("/admin", web::get().to(pages::admin))
+            .route("/", web::get().to(pages::demo))
+            .route("/static/{file}", web::get().to(pages::asset))
+            .default_service(web::to(|| async { Err::<HttpResponse, _>(HttpError::NotFound("no such route")) })),
+    );
+}
+
+/// CORS for the origins in `DUET_ALLOWED_ORIGINS` only; a preflight from one
+/// of them is answered here.
+async fn cors(req: ServiceRequest, next: Next<impl MessageBody + 'static>) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    let allowed = match (&origin, req.app_data::<web::Data<AppState>>()) {
+        (Some(o), Some(state)) => o
+            .to_str()
+            .map(|o| state.config.allowed_origins.iter().any(|a| a.eq_ignore_ascii_case(o)))
+            .unwrap_or(false),
+        _ => false,
+    };
+    if allowed && req.method() == actix_web::http::Method::OPTIONS {
+        let mut res = HttpResponse::NoContent();
+        if let Some(o) = &origin {
+            res.insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, o.clone()));
+        }
+        res.insert_header((header::ACCESS_CONTROL_ALLOW_METHODS, "GET, POST, OPTIONS"))
+            .insert_header((header::ACCESS_CONTROL_ALLOW_HEADERS, "authorization, content-type"))
+            .insert_header((header::ACCESS_CONTROL_ALLOW_CREDENTIALS, "true"))
+            .insert_header((header::ACCESS_CONTROL_MAX_AGE, "600"))
+            .insert_header((header::VARY, "Origin"));
+        return Ok(req.into_response(res.finish()).map_into_right_body());
+    }
+    let mut res = next.call(req).await?;
+    if allowed {
+        if let Some(o) = origin {
+            let h = res.headers_mut();
+            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o);
+            h.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
+            h.insert(header::VARY, HeaderValue::from_static("Origin"));
+        }
+    }
+    Ok(res.map_into_left_body())
+}

@@ -1,0 +1,110 @@
+//! The `duet` binary: configuration, HTTP and WebSocket routes, and the
+//! adapters (diesel storage) that the actors reach through their traits.
+//!
+//! ```text
+//! duet                          serve (the default)
+//! duet migrate                  run the database migrations and exit
+//! duet admin add <id> --name N  add (or rename) an admin
+//! duet admin token <id>         print a fresh admin bearer token
+//! ```
+
+mod app;
+mod auth;
+mod config;
+mod http;
+mod metrics;
+mod protocol;
+mod storage;
+mod telemetry;
+mod ws;
+
+use anyhow::{bail, Context};
+
+use crate::config::Config;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+enum Command {
+    Serve,
+    Migrate,
+    AdminAdd { id: String, name: String },
+    AdminToken { id: String },
+}
+
+const USAGE: &str = "usage: duet [migrate | admin add <id> --name <name> | admin token <id>]";
+
+fn parse_args(args: &[String]) -> anyhow::Result<Command> {
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    Ok(match a.as_slice() {
+        [] | ["serve"] => Command::Serve,
+        ["migrate"] => Command::Migrate,
+        ["admin", "add", id, "--name", name] | ["admin", "add", "--name", name, id] => {
+            Command::AdminAdd { id: (*id).to_owned(), name: (*name).to_owned() }
+        }
+        ["admin", "add", id] => Command::AdminAdd { id: (*id).to_owned(), name: (*id).to_owned() },
+        ["admin", "token", id] => Command::AdminToken { id: (*id).to_owned() },
+        ["-h" | "--help" | "help"] => {
+            println!("{USAGE}");
+            std::process::exit(0)
+        }
+        _ => bail!("{USAGE}"),
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let command = parse_args(&args)?;
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("duet: {e}");
+            std::process::exit(2);
+        }
+    };
+    telemetry::init(config.log_format);
+    match command {
+        Command::Serve => serve(config),
+        Command::Migrate => {
+            app::open_database(&config).context("opening the database")?;
+            eprintln!("migrations are up to date");
+            Ok(())
+        }
+        Command::AdminAdd { id, name } => {
+            if id.is_empty() || id.chars().count() > 64 || name.is_empty() || name.chars().count() > 80 {
+                bail!("admin id must be 1-64 characters and name 1-80");
+            }
+            let db = app::open_database(&config).context("opening the database")?;
+            db.add_admin_sync(&id, &name).context("adding the admin")?;
+            let _ = db.audit_sync("cli", "admin_added", &id);
+            eprintln!("admin {id} ({name}) is ready");
+            Ok(())
+        }
+        Command::AdminToken { id } => {
+            let db = app::open_database(&config).context("opening the database")?;
+            let (token, _) = auth::mint_login_sync(&db, &config, &id).with_context(|| format!("no admin {id:?}: add it first with `duet admin add {id} --name <name>`"))?;
+            let _ = db.audit_sync("cli", "token_minted", &id);
+            println!("{token}");
+            Ok(())
+        }
+    }
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    actix_web::rt::System::new().block_on(async move {
+        let db = app::open_database(&config).with_context(|| format!("opening the database at {}", redact(&config.database_url)))?;
+        if config.redis_url.is_some() {
+            tracing::warn!("REDIS_URL is set, but cluster coordination is not built yet: this node runs with in-process coordination");
+        }
+        let state = app::build_state(config, db).await?;
+        app::serve(state).await
+    })
+}
+
+/// A database URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_owned(),
+    }
+}

@@ -1,0 +1,153 @@
+//! Prometheus metrics. Counters are bumped where things happen; gauges that
+//! mirror state (queue lengths, sessions) are read from the registry actor
+//! at scrape time, so they can never drift. Labels are topics and stages,
+//! never session ids.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use duet_actors::registry::NodeStats;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct TopicLabel {
+    pub topic: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct RoleLabel {
+    pub role: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Family<RoleLabel, Gauge>,
+    pub connections_total: Family<RoleLabel, Counter>,
+    pub frames_in: Counter,
+    pub frames_rejected: Counter,
+    pub heartbeat_drops: Counter,
+    pub slow_consumers: Counter,
+    pub upgrades_refused: Counter,
+    pub events_stored: Counter,
+    pub store_batches: Counter,
+    pub store_failures: Counter,
+    pub store_batch_events: Histogram,
+    pub store_commit_seconds: Histogram,
+    /// From a client frame's arrival to its relay to the other side (after
+    /// the commit): duet's own share of message latency.
+    pub relay_seconds: Histogram,
+    pub queue_waiting: Family<TopicLabel, Gauge>,
+    pub queue_longest_wait: Family<TopicLabel, Gauge>,
+    pub sessions_live: Gauge,
+    pub sessions_served: Gauge,
+    pub agents: Gauge,
+    pub agents_available: Gauge,
+    pub db_up: Gauge,
+    pub otp_requests: Counter,
+    pub otp_failures: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("duet");
+        let m = Metrics {
+            connections: Family::default(),
+            connections_total: Family::default(),
+            frames_in: Counter::default(),
+            frames_rejected: Counter::default(),
+            heartbeat_drops: Counter::default(),
+            slow_consumers: Counter::default(),
+            upgrades_refused: Counter::default(),
+            events_stored: Counter::default(),
+            store_batches: Counter::default(),
+            store_failures: Counter::default(),
+            store_batch_events: Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0]),
+            store_commit_seconds: Histogram::new(latency_buckets()),
+            relay_seconds: Histogram::new(latency_buckets()),
+            queue_waiting: Family::default(),
+            queue_longest_wait: Family::default(),
+            sessions_live: Gauge::default(),
+            sessions_served: Gauge::default(),
+            agents: Gauge::default(),
+            agents_available: Gauge::default(),
+            db_up: Gauge::default(),
+            otp_requests: Counter::default(),
+            otp_failures: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register("connections", "Open WebSocket connections", m.connections.clone());
+        registry.register("connections_opened", "WebSocket connections opened", m.connections_total.clone());
+        registry.register("frames_in", "Client frames received", m.frames_in.clone());
+        registry.register("frames_rejected", "Client frames refused (rate limit, size)", m.frames_rejected.clone());
+        registry.register("heartbeat_drops", "Connections dropped for missing pongs", m.heartbeat_drops.clone());
+        registry.register("slow_consumers", "Connections closed because they stopped reading", m.slow_consumers.clone());
+        registry.register("upgrades_refused", "WebSocket upgrades refused (origin, auth, limits)", m.upgrades_refused.clone());
+        registry.register("events_stored", "Session events committed to the database", m.events_stored.clone());
+        registry.register("store_batches", "Group commits", m.store_batches.clone());
+        registry.register("store_failures", "Group commits that failed", m.store_failures.clone());
+        registry.register("store_batch_events", "Events per group commit", m.store_batch_events.clone());
+        registry.register("store_commit_seconds", "Time of one group commit", m.store_commit_seconds.clone());
+        registry.register("relay_seconds", "Client frame in to event out to the other side", m.relay_seconds.clone());
+        registry.register("queue_waiting", "Customers waiting, per topic", m.queue_waiting.clone());
+        registry.register("queue_longest_wait_seconds", "Longest current wait, per topic", m.queue_longest_wait.clone());
+        registry.register("sessions_live", "Session actors on this node", m.sessions_live.clone());
+        registry.register("sessions_served", "Sessions being served by an agent on this node", m.sessions_served.clone());
+        registry.register("agents", "Agents signed in on this node", m.agents.clone());
+        registry.register("agents_available", "Agents available for customers on this node", m.agents_available.clone());
+        registry.register("db_up", "1 when the database answered the last check", m.db_up.clone());
+        registry.register("otp_requests", "One-time codes requested", m.otp_requests.clone());
+        registry.register("otp_failures", "One-time codes refused", m.otp_failures.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// Copies the registry's figures into the gauges, then renders the text
+    /// format.
+    pub fn render(&self, stats: &NodeStats) -> String {
+        self.sessions_live.set(stats.live_sessions as i64);
+        self.sessions_served.set(stats.served_sessions as i64);
+        self.agents.set(stats.agents as i64);
+        self.agents_available.set(stats.agents_available as i64);
+        self.queue_waiting.clear();
+        self.queue_longest_wait.clear();
+        for (topic, waiting, longest) in &stats.queues {
+            let l = TopicLabel { topic: topic.to_string() };
+            self.queue_waiting.get_or_create(&l).set(*waiting as i64);
+            self.queue_longest_wait.get_or_create(&l).set(*longest as i64);
+        }
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+fn latency_buckets() -> Vec<f64> {
+    vec![0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn renders_text_format_with_topics() {
+        let m = Metrics::new();
+        m.events_stored.inc();
+        let stats = NodeStats { queues: vec![(Arc::from("support"), 3, 12)], ..Default::default() };
+        let text = m.render(&stats);
+        assert!(text.contains("duet_events_stored_total 1"), "{text}");
+        assert!(text.contains("duet_queue_waiting{topic=\"support\"} 3"), "{text}");
+        assert!(text.trim_end().ends_with("# EOF"));
+    }
+}

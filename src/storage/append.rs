@@ -1,0 +1,150 @@
+//! The SQL of an append: many [`AppendBatch`]es in one transaction.
+//!
+//! For each batch, in the order given: its `Create` inserts the session row;
+//! its events must continue the session's `last_seq` exactly (checked by an
+//! `UPDATE … WHERE last_seq = first - 1`, so seqs stay without gaps and a
+//! stale writer of the same session cannot interleave); its `Status` change
+//! updates the status columns. Then all events of all batches go in as
+//! multi-row INSERTs. Any failure rolls back the whole transaction.
+
+use diesel::prelude::*;
+use duet_actors::ports::{AppendBatch, SessionChange, SessionStatus};
+
+use super::db_conn::per_backend;
+use super::rows::{NewEventRow, NewSessionRow, ACTIVE, ENDED, WAITING};
+use super::schema::{events, sessions};
+use super::{DbConn, StorageError};
+
+/// Event rows per INSERT: 6 binds each, so 30 000 binds, under SQLite's
+/// 32 766 (and PostgreSQL's 65 535) bind-parameter limit.
+const EVENT_ROWS_PER_INSERT: usize = 5000;
+
+/// Why a group transaction failed.
+#[derive(Debug)]
+pub(super) enum AppendError {
+    Db(diesel::result::Error),
+    /// The batch does not continue the session's stored seq, or its session
+    /// row does not exist.
+    Sequence { session_id: String, detail: &'static str },
+}
+
+impl From<diesel::result::Error> for AppendError {
+    fn from(e: diesel::result::Error) -> Self {
+        AppendError::Db(e)
+    }
+}
+
+impl From<AppendError> for StorageError {
+    fn from(e: AppendError) -> Self {
+        match e {
+            AppendError::Db(e) => StorageError::from(e),
+            AppendError::Sequence { session_id, detail } => {
+                tracing::warn!(session_id = %session_id, detail, "append refused");
+                StorageError::Conflict(format!("session {session_id}: {detail}"))
+            }
+        }
+    }
+}
+
+/// Checks what needs no database: events belong to the batch's session and
+/// their seqs run on by one. A batch failing this is a caller bug.
+pub(super) fn validate(batch: &AppendBatch) -> Result<(), String> {
+    if let Some(SessionChange::Create(record, _)) = &batch.change {
+        if record.id != batch.session_id {
+            return Err("created record has another session id".to_owned());
+        }
+    }
+    let mut expected = batch.events.first().map(|e| e.event.seq);
+    if expected.is_some_and(|s| s < 1) {
+        return Err("seq below 1".to_owned());
+    }
+    for e in &batch.events {
+        if e.event.session_id != batch.session_id {
+            return Err(format!("event seq {} of another session", e.event.seq));
+        }
+        if Some(e.event.seq) != expected {
+            return Err(format!("seq {} out of order", e.event.seq));
+        }
+        expected = expected.map(|s| s + 1);
+    }
+    Ok(())
+}
+
+/// Commits the batches together, or nothing of them.
+pub(super) fn commit_group(conn: &mut DbConn, batches: &[&AppendBatch]) -> Result<(), AppendError> {
+    conn.write_transaction(|c| {
+        for batch in batches {
+            apply_session_row(c, batch)?;
+        }
+        let rows: Vec<NewEventRow<'_>> = batches
+            .iter()
+            .flat_map(|b| b.events.iter().map(move |e| NewEventRow::new(b, e)))
+            .collect();
+        for chunk in rows.chunks(EVENT_ROWS_PER_INSERT) {
+            // Per backend: the derived backend has no multi-row INSERT for
+            // SQLite, while SQLite's own connection has one.
+            per_backend!(&mut *c, c => diesel::insert_into(events::table).values(chunk).execute(c))?;
+        }
+        Ok(())
+    })
+}
+
+fn apply_session_row(c: &mut DbConn, batch: &AppendBatch) -> Result<(), AppendError> {
+    let id = batch.session_id.as_ref();
+    let refused = |detail| AppendError::Sequence { session_id: id.to_owned(), detail };
+    if let Some(SessionChange::Create(record, status)) = &batch.change {
+        diesel::insert_into(sessions::table)
+            .values(NewSessionRow::new(record, status))
+            .execute(c)?;
+    }
+    if let (Some(first), Some(last)) = (batch.events.first(), batch.events.last()) {
+        let moved = diesel::update(sessions::table)
+            .filter(sessions::id.eq(id))
+            .filter(sessions::last_seq.eq(first.event.seq - 1))
+            .set(sessions::last_seq.eq(last.event.seq))
+            .execute(c)?;
+        if moved != 1 {
+            return Err(refused("seq does not continue the stored log (or no such session)"));
+        }
+    }
+    if let Some(SessionChange::Status(status)) = &batch.change {
+        if update_status(c, id, status)? != 1 {
+            return Err(refused("status change for a session that is not stored"));
+        }
+    }
+    Ok(())
+}
+
+/// Writes the columns of the new status. Going back to waiting clears the
+/// agent; the other moves keep earlier columns for history (wait times).
+fn update_status(c: &mut DbConn, id: &str, status: &SessionStatus) -> QueryResult<usize> {
+    let row = sessions::table.filter(sessions::id.eq(id));
+    match status {
+        SessionStatus::Waiting { queued_at_ms } => diesel::update(row)
+            .set((
+                sessions::status.eq(WAITING),
+                sessions::queued_at_ms.eq(Some(*queued_at_ms)),
+                sessions::agent_id.eq(None::<&str>),
+                sessions::agent_name.eq(None::<&str>),
+                sessions::agent_kind.eq(None::<&str>),
+                sessions::assigned_at_ms.eq(None::<i64>),
+            ))
+            .execute(c),
+        SessionStatus::Active { agent, assigned_at_ms } => diesel::update(row)
+            .set((
+                sessions::status.eq(ACTIVE),
+                sessions::agent_id.eq(Some(agent.id.as_ref())),
+                sessions::agent_name.eq(Some(agent.name.as_ref())),
+                sessions::agent_kind.eq(Some(agent.kind.as_str())),
+                sessions::assigned_at_ms.eq(Some(*assigned_at_ms)),
+            ))
+            .execute(c),
+        SessionStatus::Ended { reason, at_ms } => diesel::update(row)
+            .set((
+                sessions::status.eq(ENDED),
+                sessions::ended_reason.eq(Some(reason.as_str())),
+                sessions::ended_at_ms.eq(Some(*at_ms)),
+            ))
+            .execute(c),
+    }
+}

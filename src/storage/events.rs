@@ -1,0 +1,152 @@
+//! [`SqlEventStore`]: the actors' [`EventStore`] on the database.
+//!
+//! Appends go to the group-commit writer (`writer.rs`); reads go through
+//! the r2d2 pool on tokio's blocking threads, never on the event loop.
+//! Events come back ordered by seq.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use diesel::prelude::*;
+use duet_actors::domain::{Event, SessionId, Seq};
+use duet_actors::error::StoreError;
+use duet_actors::ports::{AppendBatch, EventStore, PortFuture, SessionSnapshot};
+
+use super::rows::{decode_events, EventRow, SessionRow, ENDED};
+use super::schema::{events, sessions};
+use super::writer::WriterHandle;
+use super::{blocking, DbConn, Pool};
+
+pub(crate) struct SqlEventStore {
+    pool: Pool,
+    get_timeout: std::time::Duration,
+    writer: WriterHandle,
+}
+
+impl SqlEventStore {
+    pub(super) fn new(pool: Pool, get_timeout: std::time::Duration, writer: WriterHandle) -> SqlEventStore {
+        SqlEventStore { pool, get_timeout, writer }
+    }
+
+    pub(super) fn writer(&self) -> &super::writer::WriterCounters {
+        self.writer.counters()
+    }
+
+    fn read<T, F>(&self, f: F) -> PortFuture<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut DbConn) -> QueryResult<T> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        let timeout = self.get_timeout;
+        Box::pin(async move { blocking(pool, timeout, f).await.map_err(StoreError::from) })
+    }
+}
+
+impl EventStore for SqlEventStore {
+    /// Resolves `Ok` once the batch is committed. `Unavailable` means it was
+    /// not stored, except in one case no database client can rule out: the
+    /// connection broke while COMMIT was in flight. `load_session` tells.
+    fn append(&self, batch: AppendBatch) -> PortFuture<()> {
+        // Queued here, in the call, so that calls keep their order.
+        let ack = self.writer.submit(batch);
+        Box::pin(async move {
+            match ack {
+                Ok(ack) => ack.await.unwrap_or(Err(StoreError::Internal)),
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    fn load_session(&self, id: &SessionId) -> PortFuture<Option<SessionSnapshot>> {
+        let id = id.clone();
+        self.read(move |c| c.snapshot(|c| load_session(c, &id)))
+    }
+
+    fn events_after(&self, id: &SessionId, after: Seq, limit: u32) -> PortFuture<Vec<Arc<Event>>> {
+        let id = id.clone();
+        self.read(move |c| {
+            let rows = events::table
+                .filter(events::session_id.eq(id.as_ref()))
+                .filter(events::seq.gt(after))
+                .order(events::seq.asc())
+                .limit(i64::from(limit))
+                .select(EventRow::as_select())
+                .load(c)?;
+            Ok(decode_events(&id, rows))
+        })
+    }
+
+    fn events_before(&self, id: &SessionId, before: Seq, limit: u32) -> PortFuture<Vec<Arc<Event>>> {
+        let id = id.clone();
+        self.read(move |c| {
+            let mut rows = events::table
+                .filter(events::session_id.eq(id.as_ref()))
+                .filter(events::seq.lt(before))
+                .order(events::seq.desc())
+                .limit(i64::from(limit))
+                .select(EventRow::as_select())
+                .load(c)?;
+            rows.reverse();
+            Ok(decode_events(&id, rows))
+        })
+    }
+
+    fn open_sessions(&self) -> PortFuture<Vec<SessionSnapshot>> {
+        self.read(|c| c.snapshot(open_sessions))
+    }
+}
+
+fn bad_row(e: String) -> diesel::result::Error {
+    diesel::result::Error::DeserializationError(e.into())
+}
+
+fn load_session(c: &mut DbConn, id: &str) -> QueryResult<Option<SessionSnapshot>> {
+    let Some(row) = sessions::table
+        .find(id)
+        .select(SessionRow::as_select())
+        .first(c)
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    let keys: Vec<(String, i64)> = events::table
+        .filter(events::session_id.eq(id))
+        .filter(events::client_key.is_not_null())
+        .order(events::seq.asc())
+        .select((events::client_key.assume_not_null(), events::seq))
+        .load(c)?;
+    let keys = keys.into_iter().map(|(k, s)| (Arc::from(k), s)).collect();
+    row.into_snapshot(keys).map(Some).map_err(bad_row)
+}
+
+/// Every session not ended, with its keys, in two queries (not one per
+/// session: this runs at start, for every open session at once).
+fn open_sessions(c: &mut DbConn) -> QueryResult<Vec<SessionSnapshot>> {
+    let rows: Vec<SessionRow> = sessions::table
+        .filter(sessions::status.ne(ENDED))
+        .order(sessions::created_at_ms.asc())
+        .select(SessionRow::as_select())
+        .load(c)?;
+    let keyed: Vec<(String, String, i64)> = events::table
+        .inner_join(sessions::table)
+        .filter(sessions::status.ne(ENDED))
+        .filter(events::client_key.is_not_null())
+        .order((events::session_id.asc(), events::seq.asc()))
+        .select((events::session_id, events::client_key.assume_not_null(), events::seq))
+        .load(c)?;
+    let mut keys: HashMap<String, Vec<(Arc<str>, Seq)>> = HashMap::new();
+    for (session, key, seq) in keyed {
+        keys.entry(session).or_default().push((Arc::from(key), seq));
+    }
+    Ok(rows
+        .into_iter()
+        .filter_map(|row| {
+            let id = row.id().to_owned();
+            let session_keys = keys.remove(&id).unwrap_or_default();
+            row.into_snapshot(session_keys)
+                .map_err(|why| tracing::warn!(session_id = %id, why, "skipping a session row that does not decode"))
+                .ok()
+        })
+        .collect())
+}

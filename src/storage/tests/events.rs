@@ -1,0 +1,329 @@
+//! The event log: appends (grouped, ordered, idempotent), pages, snapshots.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use diesel::prelude::*;
+use duet_actors::domain::{AgentInfo, AgentKind, EndReason, Event, EventBody, Mode, Party, SessionId};
+use duet_actors::error::StoreError;
+use duet_actors::ports::{AppendBatch, EventStore, NewEvent, SessionChange, SessionRecord, SessionStatus};
+use futures_util::future::join_all;
+
+use super::support::{each_backend, TestDb, BACKENDS};
+use crate::storage::schema::events;
+use crate::storage::{Backend, DbConn, DbOptions};
+
+pub(crate) fn sid() -> SessionId {
+    duet_actors::domain::new_session_id()
+}
+
+fn ev(id: &SessionId, seq: i64, body: EventBody, key: Option<&str>) -> NewEvent {
+    NewEvent {
+        event: Arc::new(Event { session_id: id.clone(), seq, at_ms: 1_700_000_000_000 + seq, body }),
+        client_key: key.map(Arc::from),
+    }
+}
+
+fn message(id: &SessionId, seq: i64, key: Option<&str>) -> NewEvent {
+    let body = EventBody::Message { from: Party::Customer, text: Arc::from(format!("hello {seq}")), msg_id: Arc::from(format!("m{seq}")) };
+    ev(id, seq, body, key)
+}
+
+fn record(id: &SessionId) -> SessionRecord {
+    SessionRecord {
+        id: id.clone(),
+        topic: Arc::from("support"),
+        mode: Mode::Human,
+        customer_name: Arc::from("Zoë"),
+        resume_token_hash: Arc::from("hash"),
+        created_at_ms: 1000,
+    }
+}
+
+/// seq 1 (`session`) with the row, waiting since 1000.
+pub(crate) fn create(id: &SessionId) -> AppendBatch {
+    let body = EventBody::Session { resume_token: Some(Arc::from("secret")), topic: Arc::from("support"), mode: Mode::Human };
+    AppendBatch {
+        session_id: id.clone(),
+        events: vec![ev(id, 1, body, None)],
+        change: Some(SessionChange::Create(record(id), SessionStatus::Waiting { queued_at_ms: 1000 })),
+    }
+}
+
+fn says(id: &SessionId, seq: i64, key: Option<&str>) -> AppendBatch {
+    AppendBatch { session_id: id.clone(), events: vec![message(id, seq, key)], change: None }
+}
+
+fn agent() -> AgentInfo {
+    AgentInfo { id: Arc::from("alice"), name: Arc::from("Alice"), kind: AgentKind::Human }
+}
+
+fn assigned(id: &SessionId, seq: i64) -> AppendBatch {
+    AppendBatch {
+        session_id: id.clone(),
+        events: vec![ev(id, seq, EventBody::Assigned { agent: agent() }, None)],
+        change: Some(SessionChange::Status(SessionStatus::Active { agent: agent(), assigned_at_ms: 2000 })),
+    }
+}
+
+fn ended(id: &SessionId, seq: i64) -> AppendBatch {
+    AppendBatch {
+        session_id: id.clone(),
+        events: vec![ev(id, seq, EventBody::Ended { reason: EndReason::CustomerLeft }, None)],
+        change: Some(SessionChange::Status(SessionStatus::Ended { reason: EndReason::CustomerLeft, at_ms: 3000 })),
+    }
+}
+
+fn seqs(events: &[Arc<Event>]) -> Vec<i64> {
+    events.iter().map(|e| e.seq).collect()
+}
+
+async fn ok(store: &Arc<dyn EventStore>, batch: AppendBatch) {
+    if let Err(e) = store.append(batch).await {
+        panic!("append failed: {e}");
+    }
+}
+
+#[tokio::test]
+async fn appended_events_read_back_in_order_with_snapshot() {
+    each_backend(DbOptions::default(), |db| async move {
+        let store = db.event_store();
+        let id = sid();
+        ok(&store, create(&id)).await;
+        ok(&store, says(&id, 2, Some("customer:1"))).await;
+        ok(&store, assigned(&id, 3)).await;
+        ok(&store, says(&id, 4, Some("agent:alice:1"))).await;
+
+        let snap = store.load_session(&id).await.expect("load").expect("stored");
+        assert_eq!(snap.last_seq, 4);
+        assert_eq!(snap.record.customer_name.as_ref(), "Zoë");
+        assert_eq!(snap.record.mode, Mode::Human);
+        assert_eq!(snap.status, SessionStatus::Active { agent: agent(), assigned_at_ms: 2000 });
+        let keys: Vec<(&str, i64)> = snap.client_keys.iter().map(|(k, s)| (k.as_ref(), *s)).collect();
+        assert_eq!(keys, vec![("customer:1", 2), ("agent:alice:1", 4)]);
+
+        let all = store.events_after(&id, 0, 50).await.expect("page");
+        assert_eq!(seqs(&all), vec![1, 2, 3, 4]);
+        // The stored session event never carries the resume token.
+        assert!(matches!(&all[0].body, EventBody::Session { resume_token: None, .. }));
+        assert_eq!(all[1].body, message(&id, 2, None).event.body);
+        assert_eq!(all[1].at_ms, 1_700_000_000_002);
+        assert_eq!(seqs(&store.events_after(&id, 1, 2).await.expect("page")), vec![2, 3]);
+        assert_eq!(seqs(&store.events_after(&id, 4, 10).await.expect("page")), Vec::<i64>::new());
+        assert_eq!(seqs(&store.events_before(&id, 4, 10).await.expect("page")), vec![1, 2, 3]);
+        assert_eq!(seqs(&store.events_before(&id, 5, 2).await.expect("page")), vec![3, 4]);
+        assert_eq!(seqs(&store.events_before(&id, 1, 2).await.expect("page")), Vec::<i64>::new());
+        assert!(store.load_session(&sid()).await.expect("load").is_none());
+        assert!(store.events_after(&sid(), 0, 10).await.expect("page").is_empty());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn many_sessions_commit_in_groups_and_keep_each_order() {
+    // A small batch_max forces many groups and the carry-over between them.
+    let opts = DbOptions { batch_max: 64, ..DbOptions::default() };
+    each_backend(opts, |db| async move {
+        let store = db.event_store();
+        let ids: Vec<SessionId> = (0..150).map(|_| sid()).collect();
+        // Every append is queued before any is awaited: the writer sees
+        // one session's batches back to back, mixed with the others'.
+        let mut pending = Vec::new();
+        for seq in 1..=6 {
+            for id in &ids {
+                let batch = if seq == 1 { create(id) } else { says(id, seq, Some(&format!("customer:{seq}"))) };
+                pending.push(store.append(batch));
+            }
+        }
+        let appends = pending.len() as u64;
+        for (i, r) in join_all(pending).await.into_iter().enumerate() {
+            assert_eq!(r, Ok(()), "append {i}");
+        }
+        let stats = db.stats();
+        assert_eq!(stats.writer_batches, appends);
+        // Grouped: far fewer transactions than batches (at most 64 a group).
+        assert!(stats.writer_commits * 4 < appends, "{stats:?}");
+        assert!(stats.writer_commits >= appends / 64, "{stats:?}");
+        assert_eq!(stats.writer_queue, 0);
+        for id in &ids {
+            let page = store.events_after(id, 0, 100).await.expect("page");
+            assert_eq!(seqs(&page), vec![1, 2, 3, 4, 5, 6]);
+            let snap = store.load_session(id).await.expect("load").expect("stored");
+            assert_eq!((snap.last_seq, snap.client_keys.len()), (6, 5));
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn one_big_batch_is_split_under_the_bind_limit() {
+    each_backend(DbOptions::default(), |db| async move {
+        let store = db.event_store();
+        let id = sid();
+        let mut batch = create(&id);
+        batch.events.extend((2..=12_001).map(|seq| message(&id, seq, Some(&format!("k{seq}")))));
+        ok(&store, batch).await;
+        let snap = store.load_session(&id).await.expect("load").expect("stored");
+        assert_eq!((snap.last_seq, snap.client_keys.len()), (12_001, 12_000));
+        let tail = store.events_before(&id, 12_002, 3).await.expect("page");
+        assert_eq!(seqs(&tail), vec![11_999, 12_000, 12_001]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_duplicate_key_fails_alone_and_stores_nothing() {
+    // Linger so that all of these land in one group.
+    let opts = DbOptions { batch_linger: Duration::from_millis(100), ..DbOptions::default() };
+    each_backend(opts, |db| async move {
+        let store = db.event_store();
+        let (a, b) = (sid(), sid());
+        ok(&store, create(&a)).await;
+        ok(&store, create(&b)).await;
+        ok(&store, says(&a, 2, Some("customer:7"))).await;
+
+        let dup = store.append(says(&a, 3, Some("customer:7")));
+        let after_dup = store.append(says(&a, 4, Some("customer:8")));
+        let other = store.append(says(&b, 2, Some("customer:7")));
+        let (dup, after_dup, other) = futures_util::future::join3(dup, after_dup, other).await;
+        assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+        // Committing seq 4 without seq 3 would leave a gap.
+        assert!(matches!(after_dup, Err(StoreError::Conflict(_))), "{after_dup:?}");
+        assert_eq!(other, Ok(()));
+
+        let snap = store.load_session(&a).await.expect("load").expect("stored");
+        assert_eq!(snap.last_seq, 2);
+        assert_eq!(seqs(&store.events_after(&a, 0, 10).await.expect("page")), vec![1, 2]);
+        // The same seq again is refused too (a second writer of the session).
+        assert!(matches!(store.append(says(&a, 2, None)).await, Err(StoreError::Conflict(_))));
+        ok(&store, says(&a, 3, Some("customer:8"))).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn gaps_foreign_events_and_unknown_sessions_are_refused() {
+    each_backend(DbOptions::default(), |db| async move {
+        let store = db.event_store();
+        let id = sid();
+        ok(&store, create(&id)).await;
+        assert!(matches!(store.append(says(&id, 5, None)).await, Err(StoreError::Conflict(_))));
+        assert!(matches!(store.append(says(&sid(), 1, None)).await, Err(StoreError::Conflict(_))));
+        let mut mixed = says(&id, 2, None);
+        mixed.events.push(message(&sid(), 3, None));
+        assert_eq!(store.append(mixed).await, Err(StoreError::Internal));
+        let mut unordered = says(&id, 2, None);
+        unordered.events.push(message(&id, 4, None));
+        assert_eq!(store.append(unordered).await, Err(StoreError::Internal));
+        assert_eq!(store.load_session(&id).await.expect("load").map(|s| s.last_seq), Some(1));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn open_sessions_are_those_not_ended() {
+    each_backend(DbOptions::default(), |db| async move {
+        let store = db.event_store();
+        let (waiting, active, done) = (sid(), sid(), sid());
+        for id in [&waiting, &active, &done] {
+            ok(&store, create(id)).await;
+        }
+        ok(&store, says(&waiting, 2, Some("customer:1"))).await;
+        ok(&store, assigned(&active, 2)).await;
+        ok(&store, says(&active, 3, Some("customer:1"))).await;
+        ok(&store, says(&done, 2, Some("customer:1"))).await;
+        ok(&store, ended(&done, 3)).await;
+        // Back to the queue (its agent was lost): the agent columns clear.
+        let requeued = sid();
+        ok(&store, create(&requeued)).await;
+        ok(&store, assigned(&requeued, 2)).await;
+        let back = AppendBatch {
+            session_id: requeued.clone(),
+            events: vec![],
+            change: Some(SessionChange::Status(SessionStatus::Waiting { queued_at_ms: 5 })),
+        };
+        ok(&store, back).await;
+
+        let mut open = store.open_sessions().await.expect("open");
+        open.sort_by_key(|s| [&waiting, &active, &requeued].iter().position(|id| **id == s.record.id));
+        let ids: Vec<&SessionId> = open.iter().map(|s| &s.record.id).collect();
+        assert_eq!(ids, vec![&waiting, &active, &requeued]);
+        assert_eq!(open[0].status, SessionStatus::Waiting { queued_at_ms: 1000 });
+        assert_eq!(open[1].status, SessionStatus::Active { agent: agent(), assigned_at_ms: 2000 });
+        assert_eq!(open[2].status, SessionStatus::Waiting { queued_at_ms: 5 });
+        assert_eq!((open[1].last_seq, open[1].client_keys.len()), (3, 1));
+        assert_eq!(open[2].last_seq, 2);
+        let ended = store.load_session(&done).await.expect("load").expect("stored");
+        assert_eq!(ended.status, SessionStatus::Ended { reason: EndReason::CustomerLeft, at_ms: 3000 });
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn rows_that_do_not_decode_are_skipped() {
+    each_backend(DbOptions::default(), |db| async move {
+        let store = db.event_store();
+        let id = sid();
+        ok(&store, create(&id)).await;
+        let sid_text = id.to_string();
+        db.run(move |c: &mut DbConn| {
+            diesel::update(crate::storage::schema::sessions::table)
+                .set(crate::storage::schema::sessions::last_seq.eq(2))
+                .execute(c)?;
+            diesel::insert_into(events::table)
+                .values((
+                    events::session_id.eq(sid_text),
+                    events::seq.eq(2),
+                    events::kind.eq("martian"),
+                    events::body.eq("{}"),
+                    events::at_ms.eq(1),
+                ))
+                .execute(c)
+        })
+        .await
+        .expect("raw insert");
+        ok(&store, says(&id, 3, None)).await;
+        assert_eq!(seqs(&store.events_after(&id, 0, 10).await.expect("page")), vec![1, 3]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sqlite_file_is_wal_with_full_sync_and_pg_commits_synchronously() {
+    #[derive(QueryableByName)]
+    struct Setting {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        value: String,
+    }
+    for backend in BACKENDS {
+        let t = TestDb::new(backend, DbOptions::default());
+        assert_eq!(t.db.backend(), backend);
+        let got = t
+            .db
+            .run(|c| {
+                let q = |sql: &str| diesel::sql_query(sql.to_owned());
+                Ok(match c {
+                    DbConn::Sqlite(c) => vec![
+                        q("SELECT journal_mode AS value FROM pragma_journal_mode").get_result::<Setting>(c)?.value,
+                        q("SELECT CAST(synchronous AS TEXT) AS value FROM pragma_synchronous").get_result::<Setting>(c)?.value,
+                        q("SELECT CAST(timeout AS TEXT) AS value FROM pragma_busy_timeout").get_result::<Setting>(c)?.value,
+                        q("SELECT CAST(foreign_keys AS TEXT) AS value FROM pragma_foreign_keys").get_result::<Setting>(c)?.value,
+                    ],
+                    DbConn::Pg(c) => vec![q("SELECT current_setting('synchronous_commit') AS value").get_result::<Setting>(c)?.value],
+                })
+            })
+            .await
+            .expect("settings");
+        match backend {
+            // 2 = FULL
+            Backend::Sqlite => {
+                assert_eq!(got, vec!["wal", "2", "5000", "1"]);
+                assert!(std::path::Path::new(&t.url).exists());
+            }
+            Backend::Postgres => assert_eq!(got, vec!["on"]),
+        }
+        t.db.ping().await.expect("ping");
+        // Opening again finds nothing left to migrate.
+        drop(crate::storage::Database::open(&t.url, DbOptions::default()).expect("reopen"));
+    }
+}

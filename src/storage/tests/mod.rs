@@ -1,0 +1,6 @@
+//! Storage tests, run on SQLite and on PostgreSQL (see `support`).
+
+mod admins;
+mod events;
+mod outage;
+mod support;

@@ -1,0 +1,17 @@
+//! Logging: JSON lines in production (and on request), text in development;
+//! the level from `RUST_LOG` (default `info`). Installed once, in `main`.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,actix_server=warn,actix_web=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let res = match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init(),
+        LogFormat::Text => builder.with_target(false).try_init(),
+    };
+    // A second init (tests) keeps the first subscriber.
+    let _ = res;
+}

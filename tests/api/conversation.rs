@@ -1,0 +1,113 @@
+//! A whole conversation, on SQLite and on PostgreSQL.
+
+use serde_json::json;
+
+use crate::support::{join, Backend, TestApp};
+
+async fn whole_conversation(backend: Backend) {
+    let app = TestApp::spawn_on(backend).await;
+    let mut agent = app.agent("ann").await;
+    let dash = agent.wait_type("dashboard").await;
+    assert!(dash["queues"].is_array() && dash["agents"].is_array(), "{dash}");
+    assert_eq!(agent.request(json!({"type":"available"})).await["type"], "ack");
+
+    let mut first = join(&app, "Bob", "support").await;
+    let mut second = join(&app, "Cy", "support").await;
+    assert_eq!(first.position, 1);
+    assert_eq!(second.position, 2);
+
+    let take = agent.request(json!({"type":"take","topic":"support"})).await;
+    assert_eq!(take["type"], "ack", "{take}");
+    assert_eq!(take["session_id"], first.session_id.as_str());
+    let assigned = first.client.wait_type("assigned").await;
+    assert_eq!(assigned["agent"]["id"], "ann");
+    assert_eq!(assigned["agent"]["kind"], "human");
+    assert_eq!(assigned["seq"], take["seq"]);
+    let agent_assigned = agent.wait_type("assigned").await;
+    assert_eq!(agent_assigned["session_id"], first.session_id.as_str());
+
+    // The second customer moves up to position 1.
+    let q = second.client.wait_for("position 1", |v| v["type"] == "queue" && v["position"] == 1).await;
+    assert_eq!(q["waiting"], 1);
+
+    // Chat both ways, acked with consecutive seqs.
+    let a = first.client.request(json!({"type":"say","text":"hello, I need help"})).await;
+    assert_eq!(a["type"], "ack", "{a}");
+    let m = agent.wait_type("message").await;
+    assert_eq!(m["from"], "customer");
+    assert_eq!(m["text"], "hello, I need help");
+    assert_eq!(m["seq"], a["seq"]);
+    assert_eq!(m["session_id"], first.session_id.as_str());
+    assert!(m["msg_id"].is_string() && m["at"].is_string(), "{m}");
+
+    let b = agent.request(json!({"type":"say","session_id":first.session_id,"text":"hi Bob"})).await;
+    assert_eq!(b["seq"].as_i64(), a["seq"].as_i64().map(|s| s + 1));
+    let m = first.client.wait_type("message").await;
+    assert_eq!((m["from"].as_str(), m["text"].as_str()), (Some("agent"), Some("hi Bob")));
+
+    // Typing is relayed, not stored.
+    first.client.send(json!({"type":"typing","on":true})).await;
+    let t = agent.wait_type("typing").await;
+    assert_eq!((t["from"].as_str(), t["on"].as_bool()), (Some("customer"), Some(true)));
+    assert!(t.get("seq").is_none());
+
+    // WebRTC signaling is relayed in order and acked.
+    for (i, kind) in ["offer", "ice", "ice", "restart"].iter().enumerate() {
+        let r = first.client.request(json!({"type":"rtc","kind":kind,"data":{"n":i}})).await;
+        assert_eq!(r["type"], "ack", "{r}");
+    }
+    for (i, kind) in ["offer", "ice", "ice", "restart"].iter().enumerate() {
+        let e = agent.wait_type("rtc").await;
+        assert_eq!((e["kind"].as_str(), e["data"]["n"].as_u64(), e["from"].as_str()), (Some(*kind), Some(i as u64), Some("customer")));
+    }
+    let r = agent.request(json!({"type":"rtc","session_id":first.session_id,"kind":"answer","data":{"sdp":"x"}})).await;
+    assert_eq!(r["type"], "ack");
+    let e = first.client.wait_type("rtc").await;
+    assert_eq!((e["kind"].as_str(), e["data"]["sdp"].as_str()), (Some("answer"), Some("x")));
+
+    // Call quality goes to the agent.
+    first.client.send(json!({"type":"stats","rtt_ms":80,"loss_pct":0.5,"jitter_ms":3})).await;
+    let s = agent.wait_type("stats").await;
+    assert_eq!(s["rtt_ms"], 80.0);
+
+    // The agent ends; both get `ended`; the agent is free again.
+    let end = agent.request(json!({"type":"end","session_id":first.session_id})).await;
+    assert_eq!(end["type"], "ack", "{end}");
+    let ended = first.client.wait_type("ended").await;
+    assert_eq!(ended["reason"], "agent_ended");
+    agent.wait_type("ended").await;
+    let late = first.client.request(json!({"type":"say","text":"still there?"})).await;
+    assert_eq!(late["code"], "not_found", "{late}");
+    let next = agent.request(json!({"type":"take","topic":"support"})).await;
+    assert_eq!(next["session_id"], second.session_id.as_str(), "{next}");
+
+    // History with cursors, as the customer (its resume token) sees it.
+    let page = app.get(&format!("/api/sessions/{}/events?after=0&limit=3", first.session_id), Some(&first.resume_token)).await;
+    assert_eq!(page.status(), 200);
+    let body: serde_json::Value = page.json().await.unwrap();
+    let seqs: Vec<i64> = body["events"].as_array().unwrap().iter().map(|e| e["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, vec![1, 2, 3]);
+    assert_eq!(body["next_after"], 3);
+    assert!(body["events"][0].get("resume_token").is_none(), "tokens are never stored");
+    let all: serde_json::Value = app.get(&format!("/api/sessions/{}/events?limit=200", first.session_id), Some(&first.resume_token)).await.json().await.unwrap();
+    let n = all["events"].as_array().unwrap().len() as i64;
+    assert!(all.get("next_after").is_none());
+    for (i, e) in all["events"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(e["seq"].as_i64(), Some(i as i64 + 1), "no gaps");
+    }
+    let back: serde_json::Value = app.get(&format!("/api/sessions/{}/events?before={n}&limit=2", first.session_id), Some(&first.resume_token)).await.json().await.unwrap();
+    let seqs: Vec<i64> = back["events"].as_array().unwrap().iter().map(|e| e["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, vec![n - 2, n - 1]);
+    assert_eq!(app.get(&format!("/api/sessions/{}/events", first.session_id), Some("wrong")).await.status(), 401);
+    assert_eq!(app.get(&format!("/api/sessions/{}/events", first.session_id), None).await.status(), 401);
+}
+
+#[tokio::test]
+async fn whole_conversation_on_sqlite() {
+    whole_conversation(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn whole_conversation_on_postgres() {
+    whole_conversation(Backend::Postgres).await;
+}
