@@ -30,6 +30,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub notifier: Box<dyn Notifier>,
+    /// Every open socket, so a shutdown can tell each one to reconnect.
+    pub conns: parking_lot::Mutex<std::collections::HashMap<u64, duet_actors::outbound::ConnHandle>>,
     db_ok: AtomicBool,
 }
 
@@ -183,6 +185,7 @@ pub async fn build_state(config: Config, db: Database) -> anyhow::Result<Arc<App
         metrics,
         limits,
         notifier: Box::new(LogNotifier),
+        conns: parking_lot::Mutex::new(std::collections::HashMap::new()),
         db_ok: AtomicBool::new(true),
     });
     spawn_housekeeping(state.clone());
@@ -210,7 +213,7 @@ fn spawn_housekeeping(state: Arc<AppState>) {
                 was_ok = ok;
             }
             n += 1;
-            if n % 60 == 0 {
+            if n.is_multiple_of(60) {
                 state.limits.forget_idle();
             }
         }
@@ -231,12 +234,50 @@ pub async fn serve(state: Arc<AppState>) -> anyhow::Result<()> {
     .backlog(4096)
     .max_connections(100_000)
     .shutdown_timeout(5)
+    .disable_signals()
     .bind(bind)?;
     let addrs: Vec<SocketAddr> = server.addrs();
     let shown = addrs.first().copied().unwrap_or(bind);
     let base = format!("http://{shown}");
     tracing::info!(node = %state.config.node_id, bind = %shown, "duet is listening");
     println!("duet {} listening on {base} — demo client {base}/  admin panel {base}/admin  health {base}/health  metrics {base}/metrics", env!("CARGO_PKG_VERSION"));
-    server.run().await?;
+    let server = server.run();
+    let handle = server.handle();
+    actix_web::rt::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: no new sockets; telling clients to reconnect elsewhere");
+        let conns: Vec<_> = state.conns.lock().values().cloned().collect();
+        for c in &conns {
+            // 1012 "service restart": clients reconnect (through nginx, to
+            // another node) and resume; nothing acked is lost, it is stored.
+            c.push(duet_actors::outbound::Outbound::Close { code: 1012, reason: "server restarting; reconnect and resume" });
+        }
+        handle.stop(true).await;
+    });
+    server.await?;
+    tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

@@ -93,6 +93,8 @@ pub struct Config {
     pub rate_limits: bool,
     pub agent_grace: Duration,
     pub customer_grace: Duration,
+    /// Concurrent AI sessions per node (for the voice pipeline).
+    #[allow(dead_code)]
     pub ai_capacity: usize,
     pub llm_url: Option<String>,
     pub outbox_frames: usize,

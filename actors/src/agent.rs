@@ -265,7 +265,7 @@ impl Handler<AgentConnClosed> for AgentActor {
     type Result = ();
 
     fn handle(&mut self, msg: AgentConnClosed, ctx: &mut Context<Self>) {
-        if !self.conn.as_ref().is_some_and(|c| c.conn_id == msg.conn_id) {
+        if self.conn.as_ref().is_none_or(|c| c.conn_id != msg.conn_id) {
             return;
         }
         self.conn = None;

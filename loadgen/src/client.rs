@@ -67,7 +67,10 @@ pub struct Failure {
 
 impl Failure {
     pub fn new(code: impl Into<String>, detail: impl Into<String>) -> Self {
-        Failure { code: code.into(), detail: detail.into() }
+        Failure {
+            code: code.into(),
+            detail: detail.into(),
+        }
     }
     fn timeout(what: &str) -> Self {
         Failure::new("timeout", format!("no {what} in time"))
@@ -114,7 +117,9 @@ impl Endpoint {
             .next()
             .ok_or_else(|| anyhow::anyhow!("{url}: host does not resolve"))?;
         if !allow_remote && !addr.ip().is_loopback() {
-            anyhow::bail!("{url}: refusing a non-loopback target (use --allow-remote on machines you own)");
+            anyhow::bail!(
+                "{url}: refusing a non-loopback target (use --allow-remote on machines you own)"
+            );
         }
         let base = match addr {
             SocketAddr::V4(a) => format!("ws://{a}"),
@@ -152,7 +157,10 @@ impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a string")
             }
-            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                v: &'de str,
+            ) -> Result<Self::Value, E> {
                 Ok(Str(Cow::Borrowed(v)))
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
@@ -325,7 +333,9 @@ fn ws_failure(e: WsError) -> Failure {
             Failure::new(code, format!("upgrade refused: HTTP {}", resp.status()))
         }
         WsError::Io(io) => Failure::new(io_code(&io), io.to_string()),
-        WsError::ConnectionClosed | WsError::AlreadyClosed => Failure::new("closed", "connection closed"),
+        WsError::ConnectionClosed | WsError::AlreadyClosed => {
+            Failure::new("closed", "connection closed")
+        }
         other => Failure::new("ws_error", other.to_string()),
     }
 }
@@ -340,9 +350,12 @@ impl Conn {
         opts: &ConnectOpts,
         observer: Arc<dyn Observer>,
     ) -> Result<Conn, Failure> {
-        timeout(opts.timeout, Self::open_inner(ep, path, bearer, opts, observer))
-            .await
-            .map_err(|_| Failure::timeout("upgrade"))?
+        timeout(
+            opts.timeout,
+            Self::open_inner(ep, path, bearer, opts, observer),
+        )
+        .await
+        .map_err(|_| Failure::timeout("upgrade"))?
     }
 
     async fn open_inner(
@@ -358,10 +371,15 @@ impl Conn {
         }
         .map_err(|e| Failure::new(io_code(&e), e.to_string()))?;
         if let Some(ip) = opts.local_addr {
-            sock.bind(SocketAddr::new(ip, 0)).map_err(|e| Failure::new(io_code(&e), e.to_string()))?;
+            sock.bind(SocketAddr::new(ip, 0))
+                .map_err(|e| Failure::new(io_code(&e), e.to_string()))?;
         }
-        let tcp = sock.connect(ep.addr).await.map_err(|e| Failure::new(io_code(&e), e.to_string()))?;
-        tcp.set_nodelay(true).map_err(|e| Failure::new(io_code(&e), e.to_string()))?;
+        let tcp = sock
+            .connect(ep.addr)
+            .await
+            .map_err(|e| Failure::new(io_code(&e), e.to_string()))?;
+        tcp.set_nodelay(true)
+            .map_err(|e| Failure::new(io_code(&e), e.to_string()))?;
 
         let url = format!("{}{}", ep.base, path);
         let mut req = url.as_str().into_client_request().map_err(ws_failure)?;
@@ -377,11 +395,19 @@ impl Conn {
         let (tx, rx) = watch::channel(ConnState::default());
         let pending: Pending = Arc::default();
         tokio::spawn(read_loop(stream, tx, pending.clone(), observer));
-        Ok(Conn { sink, state: rx, pending })
+        Ok(Conn {
+            sink,
+            state: rx,
+            pending,
+        })
     }
 
     /// A customer: opens `/ws` and waits for `hello`.
-    pub async fn customer(ep: &Endpoint, opts: &ConnectOpts, observer: Arc<dyn Observer>) -> Result<Conn, Failure> {
+    pub async fn customer(
+        ep: &Endpoint,
+        opts: &ConnectOpts,
+        observer: Arc<dyn Observer>,
+    ) -> Result<Conn, Failure> {
         let started = Instant::now();
         let mut c = Self::open(ep, "/ws", None, opts, observer).await?;
         let left = opts.timeout.saturating_sub(started.elapsed());
@@ -390,7 +416,12 @@ impl Conn {
     }
 
     /// An agent: opens `/admin/ws` with the bearer token (`hello` is not required there).
-    pub async fn agent(ep: &Endpoint, token: &str, opts: &ConnectOpts, observer: Arc<dyn Observer>) -> Result<Conn, Failure> {
+    pub async fn agent(
+        ep: &Endpoint,
+        token: &str,
+        opts: &ConnectOpts,
+        observer: Arc<dyn Observer>,
+    ) -> Result<Conn, Failure> {
         Self::open(ep, "/admin/ws", Some(token), opts, observer).await
     }
 
@@ -412,16 +443,26 @@ impl Conn {
         what: &str,
         pred: impl Fn(&ConnState) -> bool,
     ) -> Result<ConnState, Failure> {
-        let res = timeout(within, self.state.wait_for(|s| pred(s) || s.closed.is_some())).await;
+        let res = timeout(
+            within,
+            self.state.wait_for(|s| pred(s) || s.closed.is_some()),
+        )
+        .await;
         match res {
             Err(_) => Err(Failure::timeout(what)),
-            Ok(Err(_)) => Err(Failure::new("closed", format!("reader gone while waiting for {what}"))),
+            Ok(Err(_)) => Err(Failure::new(
+                "closed",
+                format!("reader gone while waiting for {what}"),
+            )),
             Ok(Ok(s)) => {
                 if pred(&s) {
                     Ok(s.clone())
                 } else {
                     let why = s.closed.clone().unwrap_or_default();
-                    Err(Failure::new("closed", format!("{why} (waiting for {what})")))
+                    Err(Failure::new(
+                        "closed",
+                        format!("{why} (waiting for {what})"),
+                    ))
                 }
             }
         }
@@ -429,13 +470,25 @@ impl Conn {
 
     /// Sends a frame already serialized (the hot path: no JSON work here).
     pub async fn send_text(&mut self, text: String) -> Result<(), Failure> {
-        self.sink.send(Message::text(text)).await.map_err(ws_failure)
+        self.sink
+            .send(Message::text(text))
+            .await
+            .map_err(ws_failure)
     }
 
     /// Sends `msg` with `ref` = `reference` and waits for its `ack` (an `error` answer is a
     /// [`Failure`] with the server's code).
-    pub async fn request(&mut self, mut msg: Value, reference: u64, within: Duration) -> Result<Ack, Failure> {
-        let what = msg.get("type").and_then(Value::as_str).unwrap_or("request").to_string();
+    pub async fn request(
+        &mut self,
+        mut msg: Value,
+        reference: u64,
+        within: Duration,
+    ) -> Result<Ack, Failure> {
+        let what = msg
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("request")
+            .to_string();
         if let Some(obj) = msg.as_object_mut() {
             obj.insert("ref".into(), json!(reference));
         }
@@ -451,25 +504,41 @@ impl Conn {
                 lock(&self.pending).remove(&reference);
                 Err(Failure::timeout(&format!("answer to {what}")))
             }
-            Ok(Err(_)) => Err(Failure::new("closed", format!("closed before the answer to {what}"))),
+            Ok(Err(_)) => Err(Failure::new(
+                "closed",
+                format!("closed before the answer to {what}"),
+            )),
             Ok(Ok(r)) => r,
         }
     }
 
     /// Customer `join`: resolves once the ack, `session` and `queue` are in. `queue` may
     /// come after the ack: it gets one more second, then `position` stays `None`.
-    pub async fn join(&mut self, name: &str, topic: &str, within: Duration) -> Result<ConnState, Failure> {
+    pub async fn join(
+        &mut self,
+        name: &str,
+        topic: &str,
+        within: Duration,
+    ) -> Result<ConnState, Failure> {
         let msg = json!({"type": "join", "name": name, "topic": topic});
         self.request(msg, JOIN_REF, within).await?;
         let grace = Duration::from_secs(1);
-        match self.wait(grace, "session and queue after the join ack", |s| s.session_id.is_some() && s.position.is_some()).await {
+        match self
+            .wait(grace, "session and queue after the join ack", |s| {
+                s.session_id.is_some() && s.position.is_some()
+            })
+            .await
+        {
             Ok(s) => Ok(s),
             Err(f) => {
                 let s = self.state();
                 if s.session_id.is_some() && s.closed.is_none() {
                     Ok(s) // no `queue`: reported as a missing position
                 } else if s.session_id.is_none() && f.code == "timeout" {
-                    Err(Failure::new("no_session", "join acked but no `session` event"))
+                    Err(Failure::new(
+                        "no_session",
+                        "join acked but no `session` event",
+                    ))
                 } else {
                     Err(f)
                 }
@@ -479,20 +548,32 @@ impl Conn {
 
     /// Customer: waits for `assigned`; returns its session.
     pub async fn wait_assigned(&mut self, within: Duration) -> Result<String, Failure> {
-        let s = self.wait(within, "assigned", |s| s.assigned.is_some()).await?;
-        s.assigned.ok_or_else(|| Failure::new("internal", "assigned vanished"))
+        let s = self
+            .wait(within, "assigned", |s| s.assigned.is_some())
+            .await?;
+        s.assigned
+            .ok_or_else(|| Failure::new("internal", "assigned vanished"))
     }
 
     /// Agent `take {topic}`: the served session is the ack's `session_id` if present, else
     /// the first new session-stream session that reaches this agent (e.g. `assigned`).
-    pub async fn take(&mut self, topic: &str, reference: u64, within: Duration) -> Result<String, Failure> {
+    pub async fn take(
+        &mut self,
+        topic: &str,
+        reference: u64,
+        within: Duration,
+    ) -> Result<String, Failure> {
         let known = self.state.borrow().stream_sessions.len();
-        let ack = self.request(json!({"type": "take", "topic": topic}), reference, within).await?;
+        let ack = self
+            .request(json!({"type": "take", "topic": topic}), reference, within)
+            .await?;
         if let Some(sid) = ack.session_id {
             return Ok(sid);
         }
         let s = self
-            .wait(within, "a session-stream event after the take ack", |s| s.stream_sessions.len() > known)
+            .wait(within, "a session-stream event after the take ack", |s| {
+                s.stream_sessions.len() > known
+            })
             .await?;
         s.stream_sessions
             .get(known)
@@ -522,7 +603,12 @@ async fn read_loop(
         let at = Instant::now();
         let text = match msg {
             Message::Text(t) => t,
-            Message::Close(c) => break format!("closed by server: {}", c.map(|f| f.code.to_string()).unwrap_or_default()),
+            Message::Close(c) => {
+                break format!(
+                    "closed by server: {}",
+                    c.map(|f| f.code.to_string()).unwrap_or_default()
+                )
+            }
             // binary (audio) is not used by these scenarios; pings are answered by tungstenite
             _ => continue,
         };
@@ -533,7 +619,14 @@ async fn read_loop(
                 continue;
             }
         };
-        handle(&frame, at, &state, &pending, observer.as_ref(), &mut seen_sessions);
+        handle(
+            &frame,
+            at,
+            &state,
+            &pending,
+            observer.as_ref(),
+            &mut seen_sessions,
+        );
     };
     // dropping the pending senders wakes every waiting request with `closed`
     lock(&pending).clear();
@@ -569,9 +662,16 @@ fn handle(
                 match waiter {
                     Some(tx) => {
                         let reply = if f.ty.as_str() == "ack" {
-                            Ok(Ack { seq: f.seq, session_id: f.session_id().map(str::to_string) })
+                            Ok(Ack {
+                                seq: f.seq,
+                                session_id: f.session_id().map(str::to_string),
+                            })
                         } else {
-                            let mut detail = f.message.as_ref().map(|m| m.as_str().to_string()).unwrap_or_default();
+                            let mut detail = f
+                                .message
+                                .as_ref()
+                                .map(|m| m.as_str().to_string())
+                                .unwrap_or_default();
                             if let Some(ms) = f.retry_after_ms {
                                 detail.push_str(&format!(" (retry_after_ms {ms})"));
                             }
@@ -593,7 +693,10 @@ fn handle(
             s.waiting = f.waiting;
         }),
         "assigned" => state.send_modify(|s| {
-            s.assigned = f.session_id().map(str::to_string).or_else(|| s.session_id.clone());
+            s.assigned = f
+                .session_id()
+                .map(str::to_string)
+                .or_else(|| s.session_id.clone());
         }),
         "ended" => state.send_modify(|s| s.ended = true),
         _ => {}
@@ -611,12 +714,19 @@ mod tests {
         let f: Frame<'_> = serde_json::from_str(t).expect("valid frame");
         assert_eq!(f.ty.as_str(), "message");
         assert!(matches!(f.text, Some(Str(Cow::Borrowed(_)))));
-        assert_eq!((f.seq, f.session_id(), f.from(), f.text()), (Some(7), Some("s-1"), Some("customer"), Some("3:14:xx")));
+        assert_eq!(
+            (f.seq, f.session_id(), f.from(), f.text()),
+            (Some(7), Some("s-1"), Some("customer"), Some("3:14:xx"))
+        );
         let e: Frame<'_> = serde_json::from_str(r#"{"type":"error","ref":7,"code":"rate_limited","message":"slow \"down\"","retry_after_ms":1200}"#)
             .expect("valid frame");
-        assert_eq!((e.ref_u64(), e.code(), e.retry_after_ms), (Some(7), Some("rate_limited"), Some(1200)));
+        assert_eq!(
+            (e.ref_u64(), e.code(), e.retry_after_ms),
+            (Some(7), Some("rate_limited"), Some(1200))
+        );
         assert_eq!(e.message.expect("message").as_str(), "slow \"down\"");
-        let s: Frame<'_> = serde_json::from_str(r#"{"type":"ack","ref":"abc"}"#).expect("valid frame");
+        let s: Frame<'_> =
+            serde_json::from_str(r#"{"type":"ack","ref":"abc"}"#).expect("valid frame");
         assert_eq!(s.ref_u64(), None);
     }
 

@@ -41,7 +41,12 @@ impl Observer for Inbox {
     }
 }
 
-async fn expect(rx: &mut mpsc::UnboundedReceiver<Event>, within: Duration, what: &str, pred: impl Fn(&Event) -> bool) -> Result<Event> {
+async fn expect(
+    rx: &mut mpsc::UnboundedReceiver<Event>,
+    within: Duration,
+    what: &str,
+    pred: impl Fn(&Event) -> bool,
+) -> Result<Event> {
     let deadline = Instant::now() + within;
     loop {
         match timeout_at(deadline, rx.recv()).await {
@@ -55,23 +60,45 @@ async fn expect(rx: &mut mpsc::UnboundedReceiver<Event>, within: Duration, what:
 
 /// Runs the smoke test; `Ok` carries a one-line summary.
 pub async fn run(ep: Endpoint, token: String, topic: String, within: Duration) -> Result<String> {
-    let opts = ConnectOpts { timeout: within, local_addr: None };
+    let opts = ConnectOpts {
+        timeout: within,
+        local_addr: None,
+    };
     let step = |name: &'static str| move |e: crate::client::Failure| anyhow!("{name}: {e}");
 
     let (ctx, mut crx) = mpsc::unbounded_channel();
-    let mut customer = Conn::customer(&ep, &opts, Arc::new(Inbox(ctx))).await.map_err(step("customer connect (hello)"))?;
-    let joined = customer.join("smoke-customer", &topic, within).await.map_err(step("join"))?;
-    let sid = joined.session_id.clone().ok_or_else(|| anyhow!("join: no session_id"))?;
-    log(format!("conversation: joined {topic}: session {sid}, position {:?}", joined.position));
+    let mut customer = Conn::customer(&ep, &opts, Arc::new(Inbox(ctx)))
+        .await
+        .map_err(step("customer connect (hello)"))?;
+    let joined = customer
+        .join("smoke-customer", &topic, within)
+        .await
+        .map_err(step("join"))?;
+    let sid = joined
+        .session_id
+        .clone()
+        .ok_or_else(|| anyhow!("join: no session_id"))?;
+    log(format!(
+        "conversation: joined {topic}: session {sid}, position {:?}",
+        joined.position
+    ));
 
     let (atx, mut arx) = mpsc::unbounded_channel();
-    let mut agent = Conn::agent(&ep, &token, &opts, Arc::new(Inbox(atx))).await.map_err(step("agent connect"))?;
-    agent.request(json!({"type": "available"}), 1, within).await.map_err(step("available"))?;
+    let mut agent = Conn::agent(&ep, &token, &opts, Arc::new(Inbox(atx)))
+        .await
+        .map_err(step("agent connect"))?;
+    agent
+        .request(json!({"type": "available"}), 1, within)
+        .await
+        .map_err(step("available"))?;
     let taken = agent.take(&topic, 2, within).await.map_err(step("take"))?;
     if taken != sid {
         bail!("take: got session {taken}, the customer's is {sid} (someone else waits on topic {topic}?)");
     }
-    let assigned = customer.wait_assigned(within).await.map_err(step("assigned"))?;
+    let assigned = customer
+        .wait_assigned(within)
+        .await
+        .map_err(step("assigned"))?;
     if assigned != sid {
         bail!("assigned: session {assigned}, expected {sid}");
     }
@@ -83,17 +110,30 @@ pub async fn run(ep: Endpoint, token: String, topic: String, within: Duration) -
         .await
         .map_err(step("customer say"))?;
     let ev = expect(&mut arx, within, "customer message at the agent", |e| {
-        e.ty == "message" && e.from.as_deref() == Some("customer") && e.text.as_deref() == Some(c_text)
+        e.ty == "message"
+            && e.from.as_deref() == Some("customer")
+            && e.text.as_deref() == Some(c_text)
     })
     .await?;
     if ev.session_id.as_deref() != Some(sid.as_str()) || ev.seq.is_none() {
-        bail!("agent got the message with session_id {:?} seq {:?}, expected {sid} and a seq", ev.session_id, ev.seq);
+        bail!(
+            "agent got the message with session_id {:?} seq {:?}, expected {sid} and a seq",
+            ev.session_id,
+            ev.seq
+        );
     }
-    log(format!("conversation: customer → agent ok (ack seq {:?}, event seq {:?})", ack.seq, ev.seq));
+    log(format!(
+        "conversation: customer → agent ok (ack seq {:?}, event seq {:?})",
+        ack.seq, ev.seq
+    ));
 
     let a_text = "hello from the smoke agent";
     agent
-        .request(json!({"type": "say", "session_id": sid, "text": a_text}), 3, within)
+        .request(
+            json!({"type": "say", "session_id": sid, "text": a_text}),
+            3,
+            within,
+        )
         .await
         .map_err(step("agent say"))?;
     expect(&mut crx, within, "agent message at the customer", |e| {
@@ -102,9 +142,17 @@ pub async fn run(ep: Endpoint, token: String, topic: String, within: Duration) -
     .await?;
     log("conversation: agent → customer ok");
 
-    agent.request(json!({"type": "end", "session_id": sid}), 4, within).await.map_err(step("end"))?;
-    expect(&mut crx, within, "ended at the customer", |e| e.ty == "ended").await?;
+    agent
+        .request(json!({"type": "end", "session_id": sid}), 4, within)
+        .await
+        .map_err(step("end"))?;
+    expect(&mut crx, within, "ended at the customer", |e| {
+        e.ty == "ended"
+    })
+    .await?;
     customer.close().await;
     agent.close().await;
-    Ok(format!("ok: session {sid} on topic {topic}: join, take, say both ways, end"))
+    Ok(format!(
+        "ok: session {sid} on topic {topic}: join, take, say both ways, end"
+    ))
 }

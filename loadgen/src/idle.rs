@@ -59,7 +59,11 @@ async fn steady(pids: &[u32], tck: f64, k: usize, gap: Duration) -> Result<Stead
     }
     let mut sorted = samples.clone();
     sorted.sort_unstable();
-    Ok(Steady { rss: sorted[sorted.len() / 2], samples, cpu: last.cpu })
+    Ok(Steady {
+        rss: sorted[sorted.len() / 2],
+        samples,
+        cpu: last.cpu,
+    })
 }
 
 struct Outcome {
@@ -70,14 +74,37 @@ struct Outcome {
 }
 
 /// Connects and joins one customer.
-async fn one(ep: Endpoint, opts: ConnectOpts, name: String, topic: String, join_timeout: Duration) -> Outcome {
+async fn one(
+    ep: Endpoint,
+    opts: ConnectOpts,
+    name: String,
+    topic: String,
+    join_timeout: Duration,
+) -> Outcome {
     let mut c = match Conn::customer(&ep, &opts, Arc::new(Quiet)).await {
         Ok(c) => c,
-        Err(f) => return Outcome { conn: None, position: None, joined: false, failure: Some(format!("connect:{}", f.code)) },
+        Err(f) => {
+            return Outcome {
+                conn: None,
+                position: None,
+                joined: false,
+                failure: Some(format!("connect:{}", f.code)),
+            }
+        }
     };
     match c.join(&name, &topic, join_timeout).await {
-        Ok(s) => Outcome { conn: Some(c), position: s.position, joined: true, failure: None },
-        Err(f) => Outcome { conn: Some(c), position: None, joined: false, failure: Some(format!("join:{}", f.code)) },
+        Ok(s) => Outcome {
+            conn: Some(c),
+            position: s.position,
+            joined: true,
+            failure: None,
+        },
+        Err(f) => Outcome {
+            conn: Some(c),
+            position: None,
+            joined: false,
+            failure: Some(format!("join:{}", f.code)),
+        },
     }
 }
 
@@ -99,17 +126,30 @@ pub async fn run(o: IdleOpts) -> Result<(Value, Vec<(String, String)>)> {
         let o = o.clone();
         move |i: usize| ConnectOpts {
             timeout: o.connect_timeout,
-            local_addr: if o.local_addrs.is_empty() { None } else { Some(o.local_addrs[i % o.local_addrs.len()]) },
+            local_addr: if o.local_addrs.is_empty() {
+                None
+            } else {
+                Some(o.local_addrs[i % o.local_addrs.len()])
+            },
         }
     };
     let opts_for = Arc::new(opts_for);
 
     if o.prewarm > 0 {
-        log(format!("idle: pre-warm with {} customers (topic {}-warm)", o.prewarm, o.topic));
+        log(format!(
+            "idle: pre-warm with {} customers (topic {}-warm)",
+            o.prewarm, o.topic
+        ));
         let (o2, of) = (o.clone(), opts_for.clone());
         let warm = pool(o.prewarm, o.concurrency, move |i| {
             let ep = o2.endpoints[i % o2.endpoints.len()].clone();
-            one(ep, of(i), format!("warm-{i}"), format!("{}-warm", o2.topic), o2.join_timeout)
+            one(
+                ep,
+                of(i),
+                format!("warm-{i}"),
+                format!("{}-warm", o2.topic),
+                o2.join_timeout,
+            )
         })
         .await?;
         let warm_ok = warm.iter().filter(|w| w.joined).count();
@@ -118,12 +158,19 @@ pub async fn run(o: IdleOpts) -> Result<(Value, Vec<(String, String)>)> {
                 c.close().await;
             }
         }
-        log(format!("idle: pre-warm {warm_ok}/{} joined; closed, waiting 3 s", o.prewarm));
+        log(format!(
+            "idle: pre-warm {warm_ok}/{} joined; closed, waiting 3 s",
+            o.prewarm
+        ));
         sleep(Duration::from_secs(3)).await;
     }
 
     let has_pids = !o.pids.is_empty();
-    let before = if has_pids { Some(steady(&o.pids, tck, 3, Duration::from_millis(500)).await?) } else { None };
+    let before = if has_pids {
+        Some(steady(&o.pids, tck, 3, Duration::from_millis(500)).await?)
+    } else {
+        None
+    };
 
     let overflows_before = procfs::listen_overflows();
     let connected = Arc::new(AtomicUsize::new(0));
@@ -145,13 +192,22 @@ pub async fn run(o: IdleOpts) -> Result<(Value, Vec<(String, String)>)> {
             }
         })
     };
-    log(format!("idle: opening {} customers on topic {} ({} in flight)", o.n, o.topic, o.concurrency));
+    log(format!(
+        "idle: opening {} customers on topic {} ({} in flight)",
+        o.n, o.topic, o.concurrency
+    ));
     let outcomes = {
         let (o2, of) = (o.clone(), opts_for.clone());
         let (c, j, f) = (connected.clone(), joined_n.clone(), failed_n.clone());
         pool(o.n, o.concurrency, move |i| {
             let ep = o2.endpoints[i % o2.endpoints.len()].clone();
-            let fut = one(ep, of(i), format!("c-{i}"), o2.topic.clone(), o2.join_timeout);
+            let fut = one(
+                ep,
+                of(i),
+                format!("c-{i}"),
+                o2.topic.clone(),
+                o2.join_timeout,
+            );
             let (c, j, f) = (c.clone(), j.clone(), f.clone());
             async move {
                 let out = fut.await;
@@ -174,7 +230,11 @@ pub async fn run(o: IdleOpts) -> Result<(Value, Vec<(String, String)>)> {
         (Some(a), Some(b)) => Some(b.saturating_sub(a)),
         _ => None,
     };
-    let after_open = if has_pids { Some(procfs::snapshot(&o.pids, tck)?) } else { None };
+    let after_open = if has_pids {
+        Some(procfs::snapshot(&o.pids, tck)?)
+    } else {
+        None
+    };
 
     let mut failures = Tally::default();
     let mut positions = Vec::new();
@@ -208,7 +268,11 @@ pub async fn run(o: IdleOpts) -> Result<(Value, Vec<(String, String)>)> {
             }
         }
     }
-    let after = if has_pids { Some(steady(&o.pids, tck, 3, Duration::from_millis(500)).await?) } else { None };
+    let after = if has_pids {
+        Some(steady(&o.pids, tck, 3, Duration::from_millis(500)).await?)
+    } else {
+        None
+    };
     let still_open = conns.iter().filter(|c| !c.is_closed()).count();
     let client_rss = procfs::self_rss();
 
@@ -227,7 +291,9 @@ pub async fn run(o: IdleOpts) -> Result<(Value, Vec<(String, String)>)> {
         None
     };
 
-    let per = |rss: u64, base: u64| (joined > 0).then(|| ((rss as f64 - base as f64) / joined as f64).round());
+    let per = |rss: u64, base: u64| {
+        (joined > 0).then(|| ((rss as f64 - base as f64) / joined as f64).round())
+    };
     let (rss_per, server) = match (&before, &after, &after_open) {
         (Some(b), Some(a), Some(ao)) => {
             let rss_per = per(a.rss, b.rss);
@@ -258,7 +324,11 @@ pub async fn run(o: IdleOpts) -> Result<(Value, Vec<(String, String)>)> {
         _ => (None, Value::Null),
     };
 
-    let joins_per_s = if open_s > 0.0 { round(joined as f64 / open_s, 1) } else { 0.0 };
+    let joins_per_s = if open_s > 0.0 {
+        round(joined as f64 / open_s, 1)
+    } else {
+        0.0
+    };
     let cpu_adm = server.get("cpu_open_s").cloned().unwrap_or(Value::Null);
     let result = json!({
         "requested": o.n,
@@ -283,19 +353,48 @@ pub async fn run(o: IdleOpts) -> Result<(Value, Vec<(String, String)>)> {
     let s = &result["server"];
     let f = |k: &str| s.get(k).and_then(Value::as_f64);
     let rows = vec![
-        ("customers requested / connected / joined".into(), format!("{} / {connected} / {joined}", o.n)),
+        (
+            "customers requested / connected / joined".into(),
+            format!("{} / {connected} / {joined}", o.n),
+        ),
         ("failures".into(), failures.to_string()),
         ("still open at end of hold".into(), still_open.to_string()),
-        ("open phase".into(), format!("{:.2} s ({joins_per_s} joins/s)", open_s)),
-        ("listen queue overflows (machine-wide)".into(), opt(listen_overflows)),
-        ("queue positions 1..n".into(), if pos_ok { "ok".into() } else { format!("WRONG ({queue_missing} without a queue event)") }),
+        (
+            "open phase".into(),
+            format!("{:.2} s ({joins_per_s} joins/s)", open_s),
+        ),
+        (
+            "listen queue overflows (machine-wide)".into(),
+            opt(listen_overflows),
+        ),
+        (
+            "queue positions 1..n".into(),
+            if pos_ok {
+                "ok".into()
+            } else {
+                format!("WRONG ({queue_missing} without a queue event)")
+            },
+        ),
         ("server RSS before".into(), mib(f("rss_before"))),
         ("server RSS after hold".into(), mib(f("rss_after_hold"))),
         ("server RSS per waiting customer".into(), kib(rss_per)),
-        ("server CPU for admission".into(), format!("{} s ({} ms per join)", opt(f("cpu_open_s")), opt(f("cpu_ms_per_join")))),
-        ("server CPU while idle (hold)".into(), format!("{} s", opt(f("cpu_idle_hold_s")))),
+        (
+            "server CPU for admission".into(),
+            format!(
+                "{} s ({} ms per join)",
+                opt(f("cpu_open_s")),
+                opt(f("cpu_ms_per_join"))
+            ),
+        ),
+        (
+            "server CPU while idle (hold)".into(),
+            format!("{} s", opt(f("cpu_idle_hold_s"))),
+        ),
         ("server RSS after close".into(), mib(f("rss_after_close"))),
-        ("load generator RSS".into(), mib(client_rss.map(|v| v as f64))),
+        (
+            "load generator RSS".into(),
+            mib(client_rss.map(|v| v as f64)),
+        ),
     ];
     Ok((result, rows))
 }

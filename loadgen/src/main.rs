@@ -33,7 +33,11 @@ use serde_json::{json, Value};
 use crate::client::Endpoint;
 
 #[derive(Parser)]
-#[command(name = "duet-loadgen", version, about = "Load generator for duet (PROTOCOL.md v1)")]
+#[command(
+    name = "duet-loadgen",
+    version,
+    about = "Load generator for duet (PROTOCOL.md v1)"
+)]
 struct Cli {
     /// No progress lines on stderr (the table and the JSON line are still printed).
     #[arg(long, global = true)]
@@ -169,7 +173,10 @@ fn secs(name: &str, v: f64, min: f64, max: f64) -> Result<Duration> {
 }
 
 fn run_id() -> String {
-    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
     format!("{:x}{:x}", ms % (1 << 40), std::process::id() % 4096)
 }
 
@@ -177,7 +184,11 @@ fn topic(base: &str, fixed: bool) -> Result<String> {
     if base.is_empty() || base.chars().count() > 60 {
         bail!("--topic: 1 to 60 characters");
     }
-    Ok(if fixed { base.to_string() } else { format!("{base}-{}", run_id()) })
+    Ok(if fixed {
+        base.to_string()
+    } else {
+        format!("{base}-{}", run_id())
+    })
 }
 
 async fn endpoints(urls: &[String], allow_remote: bool) -> Result<Vec<Endpoint>> {
@@ -201,7 +212,8 @@ fn check_pids(flag: &str, pids: &[u32]) -> Result<()> {
 }
 
 fn read_tokens(path: &PathBuf) -> Result<Vec<String>> {
-    let txt = std::fs::read_to_string(path).with_context(|| format!("reading --tokens-file {}", path.display()))?;
+    let txt = std::fs::read_to_string(path)
+        .with_context(|| format!("reading --tokens-file {}", path.display()))?;
     Ok(txt
         .lines()
         .map(str::trim)
@@ -217,7 +229,11 @@ fn parse_db_pids(v: Option<&str>) -> Result<relay::DbPids> {
         Some(list) => {
             let pids = list
                 .split(',')
-                .map(|s| s.trim().parse::<u32>().with_context(|| format!("--db-pids: {s:?} is not a PID")))
+                .map(|s| {
+                    s.trim()
+                        .parse::<u32>()
+                        .with_context(|| format!("--db-pids: {s:?} is not a PID"))
+                })
                 .collect::<Result<Vec<_>>>()?;
             check_pids("--db-pids", &pids)?;
             relay::DbPids::List(pids)
@@ -225,7 +241,14 @@ fn parse_db_pids(v: Option<&str>) -> Result<relay::DbPids> {
     })
 }
 
-fn envelope(scenario: &str, c: &Common, params: Value, load_before: Option<[f64; 3]>, nofile: u64, result: Value) -> Value {
+fn envelope(
+    scenario: &str,
+    c: &Common,
+    params: Value,
+    load_before: Option<[f64; 3]>,
+    nofile: u64,
+    result: Value,
+) -> Value {
     json!({
         "kind": "duet-loadgen/1",
         "tool": concat!("duet-loadgen-rs/", env!("CARGO_PKG_VERSION")),
@@ -277,9 +300,19 @@ async fn run(cli: Cli) -> Result<()> {
             };
             let params = json!({"n": a.n, "hold_s": a.hold, "prewarm": a.prewarm, "concurrency": o.concurrency, "topic": o.topic, "settle_s": 0});
             let (result, rows) = idle::run(o).await?;
-            let title = format!("idle — duet {}{}", c.url.join(" "), c.label.as_ref().map(|l| format!(" ({l})")).unwrap_or_default());
+            let title = format!(
+                "idle — duet {}{}",
+                c.url.join(" "),
+                c.label
+                    .as_ref()
+                    .map(|l| format!(" ({l})"))
+                    .unwrap_or_default()
+            );
             report::table(&title, &rows);
-            report::emit(&envelope("idle", c, params, load_before, nofile, result), c.out.as_deref())
+            report::emit(
+                &envelope("idle", c, params, load_before, nofile, result),
+                c.out.as_deref(),
+            )
         }
         Cmd::Relay(a) => {
             let c = &a.common;
@@ -320,9 +353,19 @@ async fn run(cli: Cli) -> Result<()> {
                 "concurrency": o.concurrency,
             });
             let (result, rows) = relay::run(o).await?;
-            let title = format!("relay — duet {}{}", c.url.join(" "), c.label.as_ref().map(|l| format!(" ({l})")).unwrap_or_default());
+            let title = format!(
+                "relay — duet {}{}",
+                c.url.join(" "),
+                c.label
+                    .as_ref()
+                    .map(|l| format!(" ({l})"))
+                    .unwrap_or_default()
+            );
             report::table(&title, &rows);
-            report::emit(&envelope("relay", c, params, load_before, nofile, result), c.out.as_deref())
+            report::emit(
+                &envelope("relay", c, params, load_before, nofile, result),
+                c.out.as_deref(),
+            )
         }
         Cmd::Conversation(a) => {
             let ep = Endpoint::parse(&a.url, a.allow_remote).await?;

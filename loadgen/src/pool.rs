@@ -68,6 +68,9 @@ mod tests {
         .expect("no panics");
         assert_eq!(out, (0..50).map(|i| i * 2).collect::<Vec<_>>());
         assert!(peak.load(Ordering::SeqCst) <= 4);
-        assert!(pool(0, 4, |i| async move { i }).await.expect("empty").is_empty());
+        assert!(pool(0, 4, |i| async move { i })
+            .await
+            .expect("empty")
+            .is_empty());
     }
 }

@@ -98,7 +98,10 @@ pub fn parse_tcpext(netstat: &str, key: &str) -> Option<u64> {
 /// boot). A burst of these during a run shows up as 1-second steps (SYN retransmits) in
 /// connect times: the figure that explains a slow admission phase.
 pub fn listen_overflows() -> Option<u64> {
-    parse_tcpext(&fs::read_to_string("/proc/net/netstat").ok()?, "ListenOverflows")
+    parse_tcpext(
+        &fs::read_to_string("/proc/net/netstat").ok()?,
+        "ListenOverflows",
+    )
 }
 
 /// Resident memory of one process in bytes.
@@ -164,7 +167,11 @@ pub fn all_procs(tck: f64) -> HashMap<u32, (String, f64)> {
         return out;
     };
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         if let Ok(st) = stat_of(pid) {
@@ -242,13 +249,19 @@ pub fn self_rss() -> Option<u64> {
 /// Raises the soft open-file limit to the hard limit (one descriptor per connection).
 /// Returns the new soft limit.
 pub fn raise_nofile() -> Result<libc::rlim_t> {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: valid pointer to an rlimit.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
     }
     if lim.rlim_cur < lim.rlim_max {
-        let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        let want = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
         // SAFETY: valid pointer; raising soft up to hard is always permitted.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
             return Err(std::io::Error::last_os_error()).context("setrlimit(RLIMIT_NOFILE)");
@@ -289,7 +302,14 @@ mod tests {
     fn stat_with_plain_comm() {
         let s = "4242 (duet) S 1 4242 4242 0 -1 4194560 1234 0 0 0 250 75 0 0 20 0 9 0 100 200000 3000 18446744073709551615 1 1 0 0 0 0 0 4096 0 0 0 0 17 1 0 0 0 0 0";
         let st = parse_stat(s).expect("valid line");
-        assert_eq!(st, Stat { comm: "duet".into(), utime: 250, stime: 75 });
+        assert_eq!(
+            st,
+            Stat {
+                comm: "duet".into(),
+                utime: 250,
+                stime: 75
+            }
+        );
     }
 
     #[test]
@@ -337,7 +357,12 @@ mod tests {
     fn others_excludes_and_ranks() {
         let mut a = HashMap::new();
         let mut b = HashMap::new();
-        for (pid, comm, c0, c1) in [(1, "x", 1.0, 1.5), (2, "y", 0.0, 3.0), (3, "z", 0.0, 9.0), (4, "w", 0.0, 0.0)] {
+        for (pid, comm, c0, c1) in [
+            (1, "x", 1.0, 1.5),
+            (2, "y", 0.0, 3.0),
+            (3, "z", 0.0, 9.0),
+            (4, "w", 0.0, 0.0),
+        ] {
             a.insert(pid, (comm.to_string(), c0));
             b.insert(pid, (comm.to_string(), c1));
         }

@@ -61,7 +61,9 @@ pub fn emit(line: &Value, out: Option<&Path>) -> anyhow::Result<()> {
 
 /// Now as RFC 3339 UTC with milliseconds (`2025-01-31T12:00:00.123Z`).
 pub fn now_rfc3339() -> String {
-    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     rfc3339(d.as_secs() as i64, d.subsec_millis())
 }
 

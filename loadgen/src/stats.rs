@@ -135,7 +135,10 @@ mod tests {
         t.add("join:timeout");
         t.add("join:timeout");
         t.add("connect:refused");
-        assert_eq!(serde_json::to_string(&t).expect("serializable"), r#"{"connect:refused":1,"join:timeout":2}"#);
+        assert_eq!(
+            serde_json::to_string(&t).expect("serializable"),
+            r#"{"connect:refused":1,"join:timeout":2}"#
+        );
         assert_eq!(t.to_string(), "connect:refused: 1, join:timeout: 2");
         assert_eq!(Tally::default().to_string(), "none");
     }

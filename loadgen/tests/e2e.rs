@@ -32,7 +32,10 @@ impl Stub {
         let mut lines = BufReader::new(stderr).lines();
         let mut urls = Vec::new();
         while urls.len() < binds {
-            let line = lines.next().expect("stub printed its addresses").expect("utf-8 stderr");
+            let line = lines
+                .next()
+                .expect("stub printed its addresses")
+                .expect("utf-8 stderr");
             if let Some(rest) = line.split("listening on ").nth(1) {
                 let addr = rest.split_whitespace().next().expect("an address follows");
                 urls.push(format!("http://{addr}"));
@@ -52,7 +55,10 @@ impl Drop for Stub {
 }
 
 fn tokens_file(name: &str, n: usize) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("duet-loadgen-e2e-{}-{name}.txt", std::process::id()));
+    let p = std::env::temp_dir().join(format!(
+        "duet-loadgen-e2e-{}-{name}.txt",
+        std::process::id()
+    ));
     let body: String = (0..n).map(|i| format!("token-{i}\n")).collect();
     std::fs::write(&p, format!("# one agent per line\n\n{body}")).expect("temp dir is writable");
     p
@@ -77,7 +83,8 @@ fn loadgen(args: &[&str]) -> (bool, Value, String, String) {
 }
 
 fn u(v: &Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or_else(|| panic!("{k} is a count in {v}"))
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("{k} is a count in {v}"))
 }
 
 #[test]
@@ -95,7 +102,19 @@ fn conversation_smoke_and_wrong_token() {
 fn idle_small() {
     let stub = Stub::start(1, &["--heartbeat-s", "1"]);
     let pid = stub.child.id().to_string();
-    let (ok, r, out, err) = loadgen(&["idle", "--url", &stub.urls[0], "--n", "300", "--hold", "1.5", "--prewarm", "20", "--pids", &pid]);
+    let (ok, r, out, err) = loadgen(&[
+        "idle",
+        "--url",
+        &stub.urls[0],
+        "--n",
+        "300",
+        "--hold",
+        "1.5",
+        "--prewarm",
+        "20",
+        "--pids",
+        &pid,
+    ]);
     assert!(ok, "{out}{err}");
     assert_eq!(u(&r, "joined"), 300, "{r}");
     assert_eq!(u(&r, "still_open_at_end"), 300, "{r}");
@@ -113,7 +132,17 @@ fn idle_counts_refused_connections() {
         .expect("a free port")
         .port();
     let url = format!("http://127.0.0.1:{port}");
-    let (ok, r, out, err) = loadgen(&["idle", "--url", &url, "--n", "5", "--hold", "0", "--prewarm", "0"]);
+    let (ok, r, out, err) = loadgen(&[
+        "idle",
+        "--url",
+        &url,
+        "--n",
+        "5",
+        "--hold",
+        "0",
+        "--prewarm",
+        "0",
+    ]);
     assert!(ok, "{out}{err}");
     assert_eq!(u(&r, "joined"), 0);
     assert_eq!(r["failures"]["connect:refused"], 5, "{r}");
@@ -125,7 +154,14 @@ fn relay_ok(r: &Value) {
     assert!(sent > 0);
     assert_eq!(u(r, "received"), sent, "{r}");
     assert_eq!(u(r, "acked"), sent, "{r}");
-    for k in ["duplicates", "reordered", "reordered_k", "misrouted", "foreign", "missing_seq"] {
+    for k in [
+        "duplicates",
+        "reordered",
+        "reordered_k",
+        "misrouted",
+        "foreign",
+        "missing_seq",
+    ] {
         assert_eq!(u(r, k), 0, "{k} in {r}");
     }
     assert_eq!(r["lost"], 0);
@@ -139,15 +175,34 @@ fn relay_two_urls() {
     let pid = stub.child.id().to_string();
     let url = format!("{},{}", stub.urls[0], stub.urls[1]);
     let (ok, r, out, err) = loadgen(&[
-        "relay", "--url", &url, "--tokens-file", tokens.to_str().expect("utf-8 path"),
-        "--pairs", "10", "--rate", "10", "--seconds", "2", "--warmup", "0.5", "--drain", "1",
-        "--pids", &pid, "--db-pids", &pid,
+        "relay",
+        "--url",
+        &url,
+        "--tokens-file",
+        tokens.to_str().expect("utf-8 path"),
+        "--pairs",
+        "10",
+        "--rate",
+        "10",
+        "--seconds",
+        "2",
+        "--warmup",
+        "0.5",
+        "--drain",
+        "1",
+        "--pids",
+        &pid,
+        "--db-pids",
+        &pid,
     ]);
     assert!(ok, "{out}{err}");
     relay_ok(&r);
     assert_eq!(r["cross_node"], true);
     assert_eq!(u(&r, "sent"), 200);
-    assert!(r["msgs_per_cpu_s"].is_number() || r["server"]["cpu_s"] == 0.0, "{r}");
+    assert!(
+        r["msgs_per_cpu_s"].is_number() || r["server"]["cpu_s"] == 0.0,
+        "{r}"
+    );
     assert!(r["db"]["cpu_s"].is_number(), "{r}");
 }
 
@@ -156,8 +211,21 @@ fn relay_tolerates_ack_first_and_take_ack_without_session_id() {
     let stub = Stub::start(1, &["--ack-first", "--take-ack-without-session-id"]);
     let tokens = tokens_file("variants", 10);
     let (ok, r, out, err) = loadgen(&[
-        "relay", "--url", &stub.urls[0], "--tokens-file", tokens.to_str().expect("utf-8 path"),
-        "--pairs", "10", "--rate", "10", "--seconds", "1.5", "--warmup", "0.5", "--drain", "1",
+        "relay",
+        "--url",
+        &stub.urls[0],
+        "--tokens-file",
+        tokens.to_str().expect("utf-8 path"),
+        "--pairs",
+        "10",
+        "--rate",
+        "10",
+        "--seconds",
+        "1.5",
+        "--warmup",
+        "0.5",
+        "--drain",
+        "1",
     ]);
     assert!(ok, "{out}{err}");
     relay_ok(&r);
@@ -166,11 +234,34 @@ fn relay_tolerates_ack_first_and_take_ack_without_session_id() {
 #[test]
 fn relay_counts_injected_faults() {
     // 10 pairs × 10 msg/s × 3 s = 300 messages, no warm-up so every one counts
-    let stub = Stub::start(1, &["--drop-every", "50", "--dup-every", "60", "--misroute-every", "70"]);
+    let stub = Stub::start(
+        1,
+        &[
+            "--drop-every",
+            "50",
+            "--dup-every",
+            "60",
+            "--misroute-every",
+            "70",
+        ],
+    );
     let tokens = tokens_file("faults", 10);
     let (ok, r, out, err) = loadgen(&[
-        "relay", "--url", &stub.urls[0], "--tokens-file", tokens.to_str().expect("utf-8 path"),
-        "--pairs", "10", "--rate", "10", "--seconds", "3", "--warmup", "0", "--drain", "0.5",
+        "relay",
+        "--url",
+        &stub.urls[0],
+        "--tokens-file",
+        tokens.to_str().expect("utf-8 path"),
+        "--pairs",
+        "10",
+        "--rate",
+        "10",
+        "--seconds",
+        "3",
+        "--warmup",
+        "0",
+        "--drain",
+        "0.5",
     ]);
     assert!(ok, "{out}{err}");
     assert_eq!(u(&r, "sent"), 300, "{r}");
@@ -187,7 +278,15 @@ fn relay_counts_injected_faults() {
 fn relay_needs_a_token_per_pair() {
     let stub = Stub::start(1, &[]);
     let tokens = tokens_file("short", 2);
-    let (ok, _, _, err) = loadgen(&["relay", "--url", &stub.urls[0], "--tokens-file", tokens.to_str().expect("utf-8 path"), "--pairs", "3"]);
+    let (ok, _, _, err) = loadgen(&[
+        "relay",
+        "--url",
+        &stub.urls[0],
+        "--tokens-file",
+        tokens.to_str().expect("utf-8 path"),
+        "--pairs",
+        "3",
+    ]);
     assert!(!ok);
     assert!(err.contains("needs 3 agent tokens"), "{err}");
 }

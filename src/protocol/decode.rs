@@ -63,7 +63,13 @@ struct Incoming<'a> {
 /// What a customer's frame asks for.
 #[derive(Debug)]
 pub enum CustomerFrame {
-    Join { join: JoinRequest, sample_rate: Option<u32>, client_ref: Option<ClientRef> },
+    /// `sample_rate` is checked now and used by the voice pipeline.
+    Join {
+        join: JoinRequest,
+        #[allow(dead_code)]
+        sample_rate: Option<u32>,
+        client_ref: Option<ClientRef>,
+    },
     Resume { session_id: SessionId, resume_token: Arc<str>, last_seq: Seq, client_ref: Option<ClientRef> },
     InSession(CustomerCmd),
     Ping { client_ref: Option<ClientRef> },

@@ -62,7 +62,9 @@ impl std::fmt::Debug for AdminSessionRow {
 impl AdminSessionRow {
     /// Whether this login may still be used at `now_ms`.
     pub fn is_live(&self, now_ms: i64) -> bool {
-        self.revoked_at_ms.is_none() && now_ms < self.expires_at_ms && now_ms - self.last_seen_ms < self.idle_ttl_ms
+        self.revoked_at_ms.is_none()
+            && now_ms < self.expires_at_ms
+            && now_ms - self.last_seen_ms < self.idle_ttl_ms
     }
 }
 
@@ -78,7 +80,11 @@ pub struct OtpPolicy {
 impl Default for OtpPolicy {
     /// 5 failures within 15 minutes lock the id for 15 minutes.
     fn default() -> Self {
-        OtpPolicy { max_failures: 5, lockout_ms: 15 * 60_000, window_ms: 15 * 60_000 }
+        OtpPolicy {
+            max_failures: 5,
+            lockout_ms: 15 * 60_000,
+            window_ms: 15 * 60_000,
+        }
     }
 }
 
@@ -127,7 +133,11 @@ fn add_admin(c: &mut DbConn, id: &str, name: &str, now: i64) -> Q<AdminRow> {
 }
 
 fn get_admin(c: &mut DbConn, id: &str) -> Q<Option<AdminRow>> {
-    admins::table.find(id).select(AdminRow::as_select()).first(c).optional()
+    admins::table
+        .find(id)
+        .select(AdminRow::as_select())
+        .first(c)
+        .optional()
 }
 
 /// `NotFound` when the admin does not exist or is disabled.
@@ -142,19 +152,27 @@ fn create_admin_session(c: &mut DbConn, row: AdminSessionRow) -> Q<AdminSessionR
         if enabled.is_none() {
             return Err(diesel::result::Error::NotFound);
         }
-        diesel::insert_into(admin_sessions::table).values(&row).execute(c)?;
+        diesel::insert_into(admin_sessions::table)
+            .values(&row)
+            .execute(c)?;
         Ok(row)
     })
 }
 
-fn admin_session(c: &mut DbConn, token_hash: &str, now: i64) -> Q<Option<(AdminRow, AdminSessionRow)>> {
+fn admin_session(
+    c: &mut DbConn,
+    token_hash: &str,
+    now: i64,
+) -> Q<Option<(AdminRow, AdminSessionRow)>> {
     let found = admin_sessions::table
         .inner_join(admins::table)
         .filter(admin_sessions::token_hash.eq(token_hash))
         .select((AdminRow::as_select(), AdminSessionRow::as_select()))
         .first::<(AdminRow, AdminSessionRow)>(c)
         .optional()?;
-    let Some((admin, mut session)) = found else { return Ok(None) };
+    let Some((admin, mut session)) = found else {
+        return Ok(None);
+    };
     if admin.disabled || !session.is_live(now) {
         return Ok(None);
     }
@@ -202,7 +220,13 @@ fn store_otp(c: &mut DbConn, admin_id: &str, code_hash: &str, expires_at_ms: i64
 /// the write lock; on PostgreSQL a transaction advisory lock on the id does
 /// (its lockout row may not exist yet, so there is no row to lock), so that
 /// parallel guesses cannot slip past the failure count.
-fn verify_otp(c: &mut DbConn, admin_id: &str, presented: &str, now: i64, policy: OtpPolicy) -> Q<OtpOutcome> {
+fn verify_otp(
+    c: &mut DbConn,
+    admin_id: &str,
+    presented: &str,
+    now: i64,
+    policy: OtpPolicy,
+) -> Q<OtpOutcome> {
     c.write_transaction(|c| {
         if let DbConn::Pg(pg) = c {
             diesel::sql_query("SELECT pg_advisory_xact_lock(hashtext($1))")
@@ -214,7 +238,11 @@ fn verify_otp(c: &mut DbConn, admin_id: &str, presented: &str, now: i64, policy:
             .select(LockoutRow::as_select())
             .first(c)
             .optional()?;
-        if let Some(until_ms) = lockout.as_ref().and_then(|l| l.locked_until_ms).filter(|&u| u > now) {
+        if let Some(until_ms) = lockout
+            .as_ref()
+            .and_then(|l| l.locked_until_ms)
+            .filter(|&u| u > now)
+        {
             return Ok(OtpOutcome::Locked { until_ms });
         }
         let otp = admin_otps::table
@@ -242,7 +270,9 @@ fn verify_otp(c: &mut DbConn, admin_id: &str, presented: &str, now: i64, policy:
                 if otp.attempts + 1 >= policy.max_failures {
                     diesel::delete(code).execute(c)?;
                 } else {
-                    diesel::update(code).set(admin_otps::attempts.eq(otp.attempts + 1)).execute(c)?;
+                    diesel::update(code)
+                        .set(admin_otps::attempts.eq(otp.attempts + 1))
+                        .execute(c)?;
                 }
                 OtpOutcome::Wrong
             }
@@ -254,7 +284,13 @@ fn verify_otp(c: &mut DbConn, admin_id: &str, presented: &str, now: i64, policy:
 
 /// Counts a failure in the current window (a new one when none is open or
 /// a lock has run out) and locks the id when the window reaches the limit.
-fn count_failure(c: &mut DbConn, admin_id: &str, before: Option<LockoutRow>, now: i64, policy: OtpPolicy) -> Q<()> {
+fn count_failure(
+    c: &mut DbConn,
+    admin_id: &str,
+    before: Option<LockoutRow>,
+    now: i64,
+    policy: OtpPolicy,
+) -> Q<()> {
     let (failures, window_start_ms) = match &before {
         Some(l) if l.locked_until_ms.is_none() && now < l.window_start_ms + policy.window_ms => {
             (l.failures + 1, l.window_start_ms)
@@ -263,7 +299,11 @@ fn count_failure(c: &mut DbConn, admin_id: &str, before: Option<LockoutRow>, now
     };
     let locked_until_ms = (failures >= policy.max_failures).then_some(now + policy.lockout_ms);
     if locked_until_ms.is_some() {
-        tracing::warn!(admin_id, failures, "admin id locked after failed login codes");
+        tracing::warn!(
+            admin_id,
+            failures,
+            "admin id locked after failed login codes"
+        );
     }
     let columns = (
         admin_lockouts::failures.eq(failures),
@@ -271,10 +311,17 @@ fn count_failure(c: &mut DbConn, admin_id: &str, before: Option<LockoutRow>, now
         admin_lockouts::window_start_ms.eq(window_start_ms),
     );
     if before.is_some() {
-        diesel::update(admin_lockouts::table.find(admin_id)).set(columns).execute(c)?;
+        diesel::update(admin_lockouts::table.find(admin_id))
+            .set(columns)
+            .execute(c)?;
     } else {
         diesel::insert_into(admin_lockouts::table)
-            .values((admin_lockouts::admin_id.eq(admin_id), columns.0, columns.1, columns.2))
+            .values((
+                admin_lockouts::admin_id.eq(admin_id),
+                columns.0,
+                columns.1,
+                columns.2,
+            ))
             .execute(c)?;
     }
     Ok(())
@@ -293,7 +340,13 @@ fn audit(c: &mut DbConn, actor: &str, action: &str, detail: &str, now: i64) -> Q
         .map(drop)
 }
 
-fn new_session_row(admin_id: &str, token_hash: &str, now_ms: i64, idle_ttl_ms: i64, absolute_ttl_ms: i64) -> AdminSessionRow {
+fn new_session_row(
+    admin_id: &str,
+    token_hash: &str,
+    now_ms: i64,
+    idle_ttl_ms: i64,
+    absolute_ttl_ms: i64,
+) -> AdminSessionRow {
     AdminSessionRow {
         token_hash: token_hash.to_owned(),
         admin_id: admin_id.to_owned(),
@@ -307,6 +360,10 @@ fn new_session_row(admin_id: &str, token_hash: &str, now_ms: i64, idle_ttl_ms: i
 
 impl Database {
     /// Adds an admin, or renames an existing one (its other fields stay).
+    #[allow(
+        dead_code,
+        reason = "the CLI uses add_admin_sync; kept for an admin API"
+    )]
     pub async fn add_admin(&self, id: &str, name: &str) -> Result<AdminRow, StorageError> {
         let (id, name) = (id.to_owned(), name.to_owned());
         self.run(move |c| add_admin(c, &id, &name, now_ms())).await
@@ -357,20 +414,32 @@ impl Database {
         now_ms: i64,
     ) -> Result<Option<(AdminRow, AdminSessionRow)>, StorageError> {
         let token_hash = token_hash.to_owned();
-        self.run(move |c| admin_session(c, &token_hash, now_ms)).await
+        self.run(move |c| admin_session(c, &token_hash, now_ms))
+            .await
     }
 
     /// Revokes a login; answers whether it was not revoked already. Every
     /// node sees it at its next [`Database::admin_session`].
-    pub async fn revoke_admin_session(&self, token_hash: &str, now_ms: i64) -> Result<bool, StorageError> {
+    pub async fn revoke_admin_session(
+        &self,
+        token_hash: &str,
+        now_ms: i64,
+    ) -> Result<bool, StorageError> {
         let token_hash = token_hash.to_owned();
-        self.run(move |c| revoke_admin_session(c, &token_hash, now_ms)).await
+        self.run(move |c| revoke_admin_session(c, &token_hash, now_ms))
+            .await
     }
 
     /// Stores the hash of a new code for the admin, replacing any earlier one.
-    pub async fn store_otp(&self, admin_id: &str, code_hash: &str, expires_at_ms: i64) -> Result<(), StorageError> {
+    pub async fn store_otp(
+        &self,
+        admin_id: &str,
+        code_hash: &str,
+        expires_at_ms: i64,
+    ) -> Result<(), StorageError> {
         let (admin_id, code_hash) = (admin_id.to_owned(), code_hash.to_owned());
-        self.run(move |c| store_otp(c, &admin_id, &code_hash, expires_at_ms)).await
+        self.run(move |c| store_otp(c, &admin_id, &code_hash, expires_at_ms))
+            .await
     }
 
     /// Checks a presented code: single use, constant-time, failures counted
@@ -383,13 +452,15 @@ impl Database {
         policy: OtpPolicy,
     ) -> Result<OtpOutcome, StorageError> {
         let (admin_id, presented) = (admin_id.to_owned(), presented_code.to_owned());
-        self.run(move |c| verify_otp(c, &admin_id, &presented, now_ms, policy)).await
+        self.run(move |c| verify_otp(c, &admin_id, &presented, now_ms, policy))
+            .await
     }
 
     /// Appends to the audit trail. Never put secrets or message text in it.
     pub async fn audit(&self, actor: &str, action: &str, detail: &str) -> Result<(), StorageError> {
         let (actor, action, detail) = (actor.to_owned(), action.to_owned(), detail.to_owned());
-        self.run(move |c| audit(c, &actor, &action, &detail, now_ms())).await
+        self.run(move |c| audit(c, &actor, &action, &detail, now_ms()))
+            .await
     }
 
     pub fn audit_sync(&self, actor: &str, action: &str, detail: &str) -> Result<(), StorageError> {

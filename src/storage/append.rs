@@ -25,7 +25,10 @@ pub(super) enum AppendError {
     Db(diesel::result::Error),
     /// The batch does not continue the session's stored seq, or its session
     /// row does not exist.
-    Sequence { session_id: String, detail: &'static str },
+    Sequence {
+        session_id: String,
+        detail: &'static str,
+    },
 }
 
 impl From<diesel::result::Error> for AppendError {
@@ -91,7 +94,10 @@ pub(super) fn commit_group(conn: &mut DbConn, batches: &[&AppendBatch]) -> Resul
 
 fn apply_session_row(c: &mut DbConn, batch: &AppendBatch) -> Result<(), AppendError> {
     let id = batch.session_id.as_ref();
-    let refused = |detail| AppendError::Sequence { session_id: id.to_owned(), detail };
+    let refused = |detail| AppendError::Sequence {
+        session_id: id.to_owned(),
+        detail,
+    };
     if let Some(SessionChange::Create(record, status)) = &batch.change {
         diesel::insert_into(sessions::table)
             .values(NewSessionRow::new(record, status))
@@ -104,7 +110,9 @@ fn apply_session_row(c: &mut DbConn, batch: &AppendBatch) -> Result<(), AppendEr
             .set(sessions::last_seq.eq(last.event.seq))
             .execute(c)?;
         if moved != 1 {
-            return Err(refused("seq does not continue the stored log (or no such session)"));
+            return Err(refused(
+                "seq does not continue the stored log (or no such session)",
+            ));
         }
     }
     if let Some(SessionChange::Status(status)) = &batch.change {
@@ -130,7 +138,10 @@ fn update_status(c: &mut DbConn, id: &str, status: &SessionStatus) -> QueryResul
                 sessions::assigned_at_ms.eq(None::<i64>),
             ))
             .execute(c),
-        SessionStatus::Active { agent, assigned_at_ms } => diesel::update(row)
+        SessionStatus::Active {
+            agent,
+            assigned_at_ms,
+        } => diesel::update(row)
             .set((
                 sessions::status.eq(ACTIVE),
                 sessions::agent_id.eq(Some(agent.id.as_ref())),

@@ -77,7 +77,9 @@ impl Target {
             Target::Postgres { url }
         } else {
             let path = url.strip_prefix("sqlite://").unwrap_or(url);
-            Target::Sqlite { path: path.to_owned() }
+            Target::Sqlite {
+                path: path.to_owned(),
+            }
         }
     }
 
@@ -127,11 +129,13 @@ impl ConnManager {
         match &self.target {
             Target::Postgres { url } => {
                 let mut c = PgConnection::establish(url).map_err(r2d2::Error::ConnectionError)?;
-                c.batch_execute("SET synchronous_commit = on").map_err(r2d2::Error::QueryError)?;
+                c.batch_execute("SET synchronous_commit = on")
+                    .map_err(r2d2::Error::QueryError)?;
                 Ok(DbConn::Pg(c))
             }
             Target::Sqlite { path } => {
-                let mut c = SqliteConnection::establish(path).map_err(r2d2::Error::ConnectionError)?;
+                let mut c =
+                    SqliteConnection::establish(path).map_err(r2d2::Error::ConnectionError)?;
                 c.batch_execute(&format!("PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}"))
                     .map_err(r2d2::Error::QueryError)?;
                 c.batch_execute("PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL")
@@ -189,17 +193,26 @@ fn create_parent_dir(path: &str) -> Result<(), StorageError> {
 /// Runs the pending migrations of the connection's backend. On PostgreSQL a
 /// session advisory lock keeps two nodes from migrating at once.
 fn migrate(conn: &mut DbConn) -> Result<usize, StorageError> {
-    let failed = |e: Box<dyn std::error::Error + Send + Sync>| StorageError::internal(format!("migration failed: {e}"));
+    let failed = |e: Box<dyn std::error::Error + Send + Sync>| {
+        StorageError::internal(format!("migration failed: {e}"))
+    };
     match conn {
         DbConn::Pg(c) => {
             c.batch_execute(&format!("SELECT pg_advisory_lock({PG_MIGRATION_LOCK})"))?;
-            let ran = c.run_pending_migrations(PG_MIGRATIONS).map(|v| v.len()).map_err(failed);
-            let unlocked = c.batch_execute(&format!("SELECT pg_advisory_unlock({PG_MIGRATION_LOCK})"));
+            let ran = c
+                .run_pending_migrations(PG_MIGRATIONS)
+                .map(|v| v.len())
+                .map_err(failed);
+            let unlocked =
+                c.batch_execute(&format!("SELECT pg_advisory_unlock({PG_MIGRATION_LOCK})"));
             let ran = ran?;
             unlocked?;
             Ok(ran)
         }
-        DbConn::Sqlite(c) => c.run_pending_migrations(SQLITE_MIGRATIONS).map(|v| v.len()).map_err(failed),
+        DbConn::Sqlite(c) => c
+            .run_pending_migrations(SQLITE_MIGRATIONS)
+            .map(|v| v.len())
+            .map_err(failed),
     }
 }
 
@@ -210,9 +223,18 @@ mod tests {
     #[test]
     fn scheme_picks_the_backend() {
         let t = Duration::from_secs(2);
-        assert_eq!(Target::parse("postgres://u@h/db", t).backend(), Backend::Postgres);
-        assert_eq!(Target::parse("postgresql://u@h/db", t).backend(), Backend::Postgres);
-        assert_eq!(Target::parse("./data/duet.db", t).backend(), Backend::Sqlite);
+        assert_eq!(
+            Target::parse("postgres://u@h/db", t).backend(),
+            Backend::Postgres
+        );
+        assert_eq!(
+            Target::parse("postgresql://u@h/db", t).backend(),
+            Backend::Postgres
+        );
+        assert_eq!(
+            Target::parse("./data/duet.db", t).backend(),
+            Backend::Sqlite
+        );
         assert_eq!(Target::parse("postgres.db", t).backend(), Backend::Sqlite);
         match Target::parse("sqlite:///tmp/x.db", t) {
             Target::Sqlite { path } => assert_eq!(path, "/tmp/x.db"),
@@ -222,7 +244,10 @@ mod tests {
 
     #[test]
     fn pg_timeouts_are_added_unless_set() {
-        let url = match Target::parse("postgres://u:pw@h/db?connect_timeout=9", Duration::from_millis(1500)) {
+        let url = match Target::parse(
+            "postgres://u:pw@h/db?connect_timeout=9",
+            Duration::from_millis(1500),
+        ) {
             Target::Postgres { url } => url,
             other => panic!("not pg: {other:?}"),
         };
@@ -230,6 +255,10 @@ mod tests {
         assert_eq!(url.matches("connect_timeout=").count(), 1);
         let url = with_default_params("postgres://h/db", &[("connect_timeout", "2".to_owned())]);
         assert_eq!(url, "postgres://h/db?connect_timeout=2");
-        assert!(!format!("{:?}", Target::parse("postgres://u:pw@h/db", Duration::from_secs(1))).contains("pw"));
+        assert!(!format!(
+            "{:?}",
+            Target::parse("postgres://u:pw@h/db", Duration::from_secs(1))
+        )
+        .contains("pw"));
     }
 }

@@ -47,19 +47,23 @@ impl DbConn {
     {
         match self {
             DbConn::Pg(c) => AnsiTransactionManager::begin_transaction(c)?,
-            DbConn::Sqlite(c) => AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?,
+            DbConn::Sqlite(c) => {
+                AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?
+            }
         }
         match f(self) {
             Ok(value) => {
                 <DbConn as TransactionManager<DbConn>>::commit_transaction(self)?;
                 Ok(value)
             }
-            Err(user_error) => match <DbConn as TransactionManager<DbConn>>::rollback_transaction(self) {
-                // A broken manager means the connection is gone; the
-                // original error says more.
-                Ok(()) | Err(Error::BrokenTransactionManager) => Err(user_error),
-                Err(rollback_error) => Err(rollback_error.into()),
-            },
+            Err(user_error) => {
+                match <DbConn as TransactionManager<DbConn>>::rollback_transaction(self) {
+                    // A broken manager means the connection is gone; the
+                    // original error says more.
+                    Ok(()) | Err(Error::BrokenTransactionManager) => Err(user_error),
+                    Err(rollback_error) => Err(rollback_error.into()),
+                }
+            }
         }
     }
 

@@ -62,7 +62,9 @@ impl From<DieselError> for StorageError {
                 | DatabaseErrorKind::UnableToSendCommand
                 | DatabaseErrorKind::SerializationFailure
                 | DatabaseErrorKind::ReadOnlyTransaction => StorageError::unavailable(&e),
-                DatabaseErrorKind::Unknown if is_sqlite_busy(info.message()) => StorageError::unavailable(&e),
+                DatabaseErrorKind::Unknown if is_sqlite_busy(info.message()) => {
+                    StorageError::unavailable(&e)
+                }
                 _ => StorageError::internal(&e),
             },
             DieselError::BrokenTransactionManager => StorageError::unavailable(&e),
@@ -94,8 +96,14 @@ mod tests {
     #[test]
     fn each_variant_maps_to_one_store_error() {
         let cases = [
-            (StorageError::Unavailable("x".into()), StoreError::Unavailable { what: "database" }),
-            (StorageError::Conflict("dup".into()), StoreError::Conflict("dup".into())),
+            (
+                StorageError::Unavailable("x".into()),
+                StoreError::Unavailable { what: "database" },
+            ),
+            (
+                StorageError::Conflict("dup".into()),
+                StoreError::Conflict("dup".into()),
+            ),
             (StorageError::NotFound, StoreError::Internal),
             (StorageError::Internal("x".into()), StoreError::Internal),
         ];
@@ -106,14 +114,41 @@ mod tests {
 
     #[test]
     fn diesel_errors_are_sorted() {
-        let unique = DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, Box::new("dup".to_owned()));
-        assert!(matches!(StorageError::from(unique), StorageError::Conflict(_)));
-        let closed = DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection, Box::new("gone".to_owned()));
-        assert!(matches!(StorageError::from(closed), StorageError::Unavailable(_)));
-        let busy = DieselError::DatabaseError(DatabaseErrorKind::Unknown, Box::new("database is locked".to_owned()));
-        assert!(matches!(StorageError::from(busy), StorageError::Unavailable(_)));
-        let other = DieselError::DatabaseError(DatabaseErrorKind::CheckViolation, Box::new("bad".to_owned()));
-        assert!(matches!(StorageError::from(other), StorageError::Internal(_)));
-        assert!(matches!(StorageError::from(DieselError::NotFound), StorageError::NotFound));
+        let unique = DieselError::DatabaseError(
+            DatabaseErrorKind::UniqueViolation,
+            Box::new("dup".to_owned()),
+        );
+        assert!(matches!(
+            StorageError::from(unique),
+            StorageError::Conflict(_)
+        ));
+        let closed = DieselError::DatabaseError(
+            DatabaseErrorKind::ClosedConnection,
+            Box::new("gone".to_owned()),
+        );
+        assert!(matches!(
+            StorageError::from(closed),
+            StorageError::Unavailable(_)
+        ));
+        let busy = DieselError::DatabaseError(
+            DatabaseErrorKind::Unknown,
+            Box::new("database is locked".to_owned()),
+        );
+        assert!(matches!(
+            StorageError::from(busy),
+            StorageError::Unavailable(_)
+        ));
+        let other = DieselError::DatabaseError(
+            DatabaseErrorKind::CheckViolation,
+            Box::new("bad".to_owned()),
+        );
+        assert!(matches!(
+            StorageError::from(other),
+            StorageError::Internal(_)
+        ));
+        assert!(matches!(
+            StorageError::from(DieselError::NotFound),
+            StorageError::NotFound
+        ));
     }
 }

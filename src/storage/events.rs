@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use diesel::prelude::*;
-use duet_actors::domain::{Event, SessionId, Seq};
+use duet_actors::domain::{Event, Seq, SessionId};
 use duet_actors::error::StoreError;
 use duet_actors::ports::{AppendBatch, EventStore, PortFuture, SessionSnapshot};
 
@@ -24,8 +24,16 @@ pub(crate) struct SqlEventStore {
 }
 
 impl SqlEventStore {
-    pub(super) fn new(pool: Pool, get_timeout: std::time::Duration, writer: WriterHandle) -> SqlEventStore {
-        SqlEventStore { pool, get_timeout, writer }
+    pub(super) fn new(
+        pool: Pool,
+        get_timeout: std::time::Duration,
+        writer: WriterHandle,
+    ) -> SqlEventStore {
+        SqlEventStore {
+            pool,
+            get_timeout,
+            writer,
+        }
     }
 
     pub(super) fn writer(&self) -> &super::writer::WriterCounters {
@@ -77,7 +85,12 @@ impl EventStore for SqlEventStore {
         })
     }
 
-    fn events_before(&self, id: &SessionId, before: Seq, limit: u32) -> PortFuture<Vec<Arc<Event>>> {
+    fn events_before(
+        &self,
+        id: &SessionId,
+        before: Seq,
+        limit: u32,
+    ) -> PortFuture<Vec<Arc<Event>>> {
         let id = id.clone();
         self.read(move |c| {
             let mut rows = events::table
@@ -133,7 +146,11 @@ fn open_sessions(c: &mut DbConn) -> QueryResult<Vec<SessionSnapshot>> {
         .filter(sessions::status.ne(ENDED))
         .filter(events::client_key.is_not_null())
         .order((events::session_id.asc(), events::seq.asc()))
-        .select((events::session_id, events::client_key.assume_not_null(), events::seq))
+        .select((
+            events::session_id,
+            events::client_key.assume_not_null(),
+            events::seq,
+        ))
         .load(c)?;
     let mut keys: HashMap<String, Vec<(Arc<str>, Seq)>> = HashMap::new();
     for (session, key, seq) in keyed {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use diesel::prelude::*;
-use duet_actors::domain::{AgentInfo, AgentKind, EndReason, Event, Mode, SessionId, Seq};
+use duet_actors::domain::{AgentInfo, AgentKind, EndReason, Event, Mode, Seq, SessionId};
 use duet_actors::ports::{AppendBatch, NewEvent, SessionRecord, SessionSnapshot, SessionStatus};
 
 use super::schema::{events, sessions};
@@ -36,7 +36,10 @@ impl<'a> StatusColumns<'a> {
                 queued_at_ms: Some(*queued_at_ms),
                 ..Default::default()
             },
-            SessionStatus::Active { agent, assigned_at_ms } => StatusColumns {
+            SessionStatus::Active {
+                agent,
+                assigned_at_ms,
+            } => StatusColumns {
                 status: ACTIVE,
                 agent_id: Some(&agent.id),
                 agent_name: Some(&agent.name),
@@ -153,9 +156,13 @@ impl SessionRow {
 
     /// The snapshot the actors resume from, or why this row is not one duet
     /// could have written.
-    pub(super) fn into_snapshot(self, client_keys: Vec<(Arc<str>, Seq)>) -> Result<SessionSnapshot, String> {
+    pub(super) fn into_snapshot(
+        self,
+        client_keys: Vec<(Arc<str>, Seq)>,
+    ) -> Result<SessionSnapshot, String> {
         let status = self.status()?;
-        let mode = Mode::parse(&self.mode).ok_or_else(|| format!("unknown mode {:?}", self.mode))?;
+        let mode =
+            Mode::parse(&self.mode).ok_or_else(|| format!("unknown mode {:?}", self.mode))?;
         Ok(SessionSnapshot {
             record: SessionRecord {
                 id: Arc::from(self.id),
@@ -181,7 +188,11 @@ impl SessionRow {
                     agent: AgentInfo {
                         id: Arc::from(id.as_str()),
                         name: Arc::from(name.as_str()),
-                        kind: if self.agent_kind.as_deref() == Some("ai") { AgentKind::Ai } else { AgentKind::Human },
+                        kind: if self.agent_kind.as_deref() == Some("ai") {
+                            AgentKind::Ai
+                        } else {
+                            AgentKind::Human
+                        },
                     },
                     assigned_at_ms: self.assigned_at_ms.unwrap_or(self.created_at_ms),
                 }),
@@ -190,7 +201,8 @@ impl SessionRow {
             ENDED => {
                 let reason = self.ended_reason.as_deref().unwrap_or_default();
                 Ok(SessionStatus::Ended {
-                    reason: EndReason::parse(reason).ok_or_else(|| format!("unknown end reason {reason:?}"))?,
+                    reason: EndReason::parse(reason)
+                        .ok_or_else(|| format!("unknown end reason {reason:?}"))?,
                     at_ms: self.ended_at_ms.unwrap_or(self.created_at_ms),
                 })
             }

@@ -76,12 +76,18 @@ pub(super) struct WriterHandle {
 }
 
 impl WriterHandle {
-    pub(super) fn spawn(manager: ConnManager, limits: GroupLimits) -> std::io::Result<WriterHandle> {
+    pub(super) fn spawn(
+        manager: ConnManager,
+        limits: GroupLimits,
+    ) -> std::io::Result<WriterHandle> {
         let (tx, rx) = mpsc::channel();
         let counters = Arc::new(WriterCounters::default());
         let writer = Writer {
             manager,
-            limits: GroupLimits { batch_max: limits.batch_max.max(1), ..limits },
+            limits: GroupLimits {
+                batch_max: limits.batch_max.max(1),
+                ..limits
+            },
             counters: counters.clone(),
             conn: None,
             backoff: FIRST_BACKOFF,
@@ -140,12 +146,17 @@ impl Writer {
                 },
             };
             let jobs = self.gather(first, &rx);
-            self.counters.queued.fetch_sub(jobs.len(), Ordering::Relaxed);
+            self.counters
+                .queued
+                .fetch_sub(jobs.len(), Ordering::Relaxed);
             let batches: Vec<&AppendBatch> = jobs.iter().map(|j| &j.batch).collect();
             let results = match catch_unwind(AssertUnwindSafe(|| self.process(&batches))) {
                 Ok(results) => results,
                 Err(_) => {
-                    tracing::error!(batches = batches.len(), "event writer panicked; group failed");
+                    tracing::error!(
+                        batches = batches.len(),
+                        "event writer panicked; group failed"
+                    );
                     self.conn = None;
                     vec![Err(StoreError::Internal); batches.len()]
                 }
@@ -242,7 +253,9 @@ impl Writer {
                 continue;
             }
             let outcome = match self.connection() {
-                Some(conn) => commit_group(conn, std::slice::from_ref(batch)).map_err(StorageError::from),
+                Some(conn) => {
+                    commit_group(conn, std::slice::from_ref(batch)).map_err(StorageError::from)
+                }
                 None => Err(StorageError::Unavailable("no connection".to_owned())),
             };
             if let Err(e) = outcome {
@@ -286,13 +299,18 @@ impl Writer {
 
     fn committed(&self, batches: usize) {
         self.counters.commits.fetch_add(1, Ordering::Relaxed);
-        self.counters.batches.fetch_add(batches as u64, Ordering::Relaxed);
+        self.counters
+            .batches
+            .fetch_add(batches as u64, Ordering::Relaxed);
     }
 
     /// Drops the connection when the failure may have broken it.
     fn after_failure(&mut self, e: &StorageError) {
         let broken = match self.conn.as_mut() {
-            Some(conn) => matches!(e, StorageError::Unavailable(_)) || diesel::r2d2::R2D2Connection::is_broken(conn),
+            Some(conn) => {
+                matches!(e, StorageError::Unavailable(_))
+                    || diesel::r2d2::R2D2Connection::is_broken(conn)
+            }
             None => false,
         };
         if broken {

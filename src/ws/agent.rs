@@ -18,6 +18,8 @@ use crate::protocol::decode::{self, AgentFrame};
 use crate::protocol::encode;
 
 pub struct AgentRole {
+    /// Kept for what agent sockets will need from the node (limits, metrics).
+    #[allow(dead_code)]
     pub app: Arc<AppState>,
     pub handle: ConnHandle,
     pub agent: Addr<AgentActor>,

@@ -149,10 +149,8 @@ impl Role for CustomerRole {
 
     fn observe(&mut self, frame: &Outbound) {
         match frame {
-            Outbound::Detached { session_id } => {
-                if self.session.as_ref().is_some_and(|(s, _)| s == session_id) {
-                    self.session = None;
-                }
+            Outbound::Detached { session_id } if self.session.as_ref().is_some_and(|(s, _)| s == session_id) => {
+                self.session = None;
             }
             Outbound::Ack { client_ref, .. } => {
                 if let Some(i) = self.sent.iter().position(|(r, _)| r == client_ref) {

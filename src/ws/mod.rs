@@ -73,6 +73,7 @@ pub async fn customer(req: HttpRequest, body: web::Payload, state: web::Data<App
     let span = tracing::info_span!("conn", conn_id, role = "customer", node = %state.config.node_id);
     actix_web::rt::spawn(tracing::Instrument::instrument(
         async move {
+            state.conns.lock().insert(conn_id, handle.clone());
             let label = RoleLabel { role: "customer" };
             state.metrics.connections.get_or_create(&label).inc();
             state.metrics.connections_total.get_or_create(&label).inc();
@@ -80,6 +81,7 @@ pub async fn customer(req: HttpRequest, body: web::Payload, state: web::Data<App
                 let role = customer::CustomerRole::new(state.clone(), handle, ip);
                 conn::run(session, stream, inbox, role, limits(&state), &state.metrics).await;
             }
+            state.conns.lock().remove(&conn_id);
             state.metrics.connections.get_or_create(&label).dec();
         },
         span,
@@ -98,6 +100,7 @@ pub async fn agent(req: HttpRequest, body: web::Payload, state: web::Data<AppSta
     let span = tracing::info_span!("conn", conn_id, role = "agent", agent_id = %info.id, node = %state.config.node_id);
     actix_web::rt::spawn(tracing::Instrument::instrument(
         async move {
+            state.conns.lock().insert(conn_id, handle.clone());
             let label = RoleLabel { role: "agent" };
             state.metrics.connections.get_or_create(&label).inc();
             state.metrics.connections_total.get_or_create(&label).inc();
@@ -107,6 +110,7 @@ pub async fn agent(req: HttpRequest, body: web::Payload, state: web::Data<AppSta
                     conn::run(session, stream, inbox, role, limits(&state), &state.metrics).await;
                 }
             }
+            state.conns.lock().remove(&conn_id);
             state.metrics.connections.get_or_create(&label).dec();
         },
         span,

@@ -361,10 +361,8 @@ impl Client {
             };
             match msg {
                 Message::Text(t) => return Some(serde_json::from_str(&t).expect("server sends JSON")),
-                Message::Ping(p) => {
-                    if self.auto_pong {
-                        let _ = self.ws.send(Message::Pong(p)).await;
-                    }
+                Message::Ping(p) if self.auto_pong => {
+                    let _ = self.ws.send(Message::Pong(p)).await;
                 }
                 Message::Close(f) => {
                     self.closed = Some(f.map(|f| u16::from(f.code)));

@@ -47,7 +47,10 @@ use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::Message;
 
 #[derive(Parser, Clone)]
-#[command(name = "fake_duet", about = "TEST STUB speaking a PROTOCOL.md subset; not duet, never benchmark it")]
+#[command(
+    name = "fake_duet",
+    about = "TEST STUB speaking a PROTOCOL.md subset; not duet, never benchmark it"
+)]
 struct Opts {
     /// Comma list of host:port to listen on (they share one state).
     #[arg(long, default_value = "127.0.0.1:18080", value_delimiter = ',')]
@@ -133,7 +136,10 @@ fn send(tx: &Tx, v: &Value) {
 }
 
 fn now_rfc3339() -> String {
-    let s = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let s = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
     let (days, tod) = (s.div_euclid(86_400), s.rem_euclid(86_400));
     let z = days + 719_468;
     let (era, doe) = (z.div_euclid(146_097), z.rem_euclid(146_097));
@@ -143,7 +149,12 @@ fn now_rfc3339() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", tod / 3600, tod % 3600 / 60, tod % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        tod / 3600,
+        tod % 3600 / 60,
+        tod % 60
+    )
 }
 
 struct Fail(&'static str, String);
@@ -151,7 +162,10 @@ struct Fail(&'static str, String);
 fn str_field<'a>(m: &'a Value, k: &str, lo: usize, hi: usize) -> Result<&'a str, Fail> {
     match m.get(k).and_then(Value::as_str) {
         Some(s) if (lo..=hi).contains(&s.chars().count()) => Ok(s),
-        _ => Err(Fail("bad_request", format!("field '{k}' must be a string of {lo}-{hi} characters"))),
+        _ => Err(Fail(
+            "bad_request",
+            format!("field '{k}' must be a string of {lo}-{hi} characters"),
+        )),
     }
 }
 
@@ -170,7 +184,9 @@ struct ConnCtx {
 }
 
 fn reject(status: StatusCode, why: &str) -> ErrorResponse {
-    let mut r = ErrorResponse::new(Some(format!(r#"{{"error":{{"code":"{why}","message":"{why}"}}}}"#)));
+    let mut r = ErrorResponse::new(Some(format!(
+        r#"{{"error":{{"code":"{why}","message":"{why}"}}}}"#
+    )));
     *r.status_mut() = status;
     r
 }
@@ -182,7 +198,9 @@ async fn serve(hub: Arc<Hub>, stream: TcpStream) {
     let mut role = None;
     let cb = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         if let Some(origin) = req.headers().get("origin") {
-            let ok = origin.to_str().is_ok_and(|o| hub.opts.allowed_origins.iter().any(|a| a == o));
+            let ok = origin
+                .to_str()
+                .is_ok_and(|o| hub.opts.allowed_origins.iter().any(|a| a == o));
             if !ok {
                 return Err(reject(StatusCode::FORBIDDEN, "forbidden"));
             }
@@ -226,13 +244,21 @@ async fn serve(hub: Arc<Hub>, stream: TcpStream) {
         }
         let _ = sink.close().await;
     });
-    let mut ctx = ConnCtx { id: hub.next_id.fetch_add(1, Ordering::Relaxed), role, tx, session: None };
+    let mut ctx = ConnCtx {
+        id: hub.next_id.fetch_add(1, Ordering::Relaxed),
+        role,
+        tx,
+        session: None,
+    };
     match role {
         Role::Customer => send(
             &ctx.tx,
             &json!({"type": "hello", "protocol": 1, "node": "fake-duet-stub", "heartbeat_s": hub.opts.heartbeat_s, "max_message_bytes": 65536}),
         ),
-        Role::Agent => send(&ctx.tx, &json!({"type": "dashboard", "queues": [], "sessions": [], "agents": [], "nodes": []})),
+        Role::Agent => send(
+            &ctx.tx,
+            &json!({"type": "dashboard", "queues": [], "sessions": [], "agents": [], "nodes": []}),
+        ),
     }
     hub.open.fetch_add(1, Ordering::Relaxed);
     while let Some(Ok(msg)) = source.next().await {
@@ -248,7 +274,10 @@ async fn serve(hub: Arc<Hub>, stream: TcpStream) {
         let m: Value = match serde_json::from_str(text.as_str()) {
             Ok(v @ Value::Object(_)) => v,
             _ => {
-                send(&ctx.tx, &json!({"type": "error", "code": "bad_request", "message": "not a JSON object"}));
+                send(
+                    &ctx.tx,
+                    &json!({"type": "error", "code": "bad_request", "message": "not a JSON object"}),
+                );
                 continue;
             }
         };
@@ -299,20 +328,35 @@ fn customer_op(hub: &Hub, ctx: &mut ConnCtx, m: &Value) -> Result<(), Fail> {
             let mut st = hub.lock();
             if let Some(sid) = &ctx.session {
                 if st.sessions.get(sid).is_some_and(|s| !s.ended) {
-                    return Err(Fail("conflict", "this connection already has a session".into()));
+                    return Err(Fail(
+                        "conflict",
+                        "this connection already has a session".into(),
+                    ));
                 }
             }
             let n = hub.next_id.fetch_add(1, Ordering::Relaxed);
             let id = format!("s-{n:08}");
-            let mut s = Session { id: id.clone(), customer: Some(ctx.tx.clone()), agent: None, seq: 0, ended: false, held: None };
-            let ev = event(&mut s, "session", json!({"resume_token": format!("rt-{n:08}"), "topic": topic, "mode": "human"}));
+            let mut s = Session {
+                id: id.clone(),
+                customer: Some(ctx.tx.clone()),
+                agent: None,
+                seq: 0,
+                ended: false,
+                held: None,
+            };
+            let ev = event(
+                &mut s,
+                "session",
+                json!({"resume_token": format!("rt-{n:08}"), "topic": topic, "mode": "human"}),
+            );
             st.sessions.insert(id.clone(), s);
             let q = st.queues.entry(topic).or_default();
             q.push_back(id.clone());
             let pos = q.len() as u64;
             drop(st);
             ctx.session = Some(id);
-            let queue = json!({"type": "queue", "position": pos, "waiting": pos, "eta_s": pos * 60});
+            let queue =
+                json!({"type": "queue", "position": pos, "waiting": pos, "eta_s": pos * 60});
             if hub.opts.ack_first {
                 ack(ctx, m, json!({"seq": 1}));
                 send(&ctx.tx, &ev);
@@ -325,18 +369,32 @@ fn customer_op(hub: &Hub, ctx: &mut ConnCtx, m: &Value) -> Result<(), Fail> {
         }
         "say" => {
             let text = str_field(m, "text", 1, 4000)?;
-            let sid = ctx.session.clone().ok_or(Fail("not_found", "no session on this connection".into()))?;
+            let sid = ctx
+                .session
+                .clone()
+                .ok_or(Fail("not_found", "no session on this connection".into()))?;
             let mut st = hub.lock();
             let n = hub.says.fetch_add(1, Ordering::Relaxed) + 1;
-            let nth = |every: u64| every > 0 && n % every == 0;
+            let nth = |every: u64| every > 0 && n.is_multiple_of(every);
             let o = &hub.opts;
             let wrong_agent = if nth(o.misroute_every) {
-                st.sessions.values().filter(|x| x.id != sid).find_map(|x| x.agent.as_ref().map(|a| a.1.clone()))
+                st.sessions
+                    .values()
+                    .filter(|x| x.id != sid)
+                    .find_map(|x| x.agent.as_ref().map(|a| a.1.clone()))
             } else {
                 None
             };
-            let s = st.sessions.get_mut(&sid).filter(|s| !s.ended).ok_or(Fail("not_found", "session ended".into()))?;
-            let ev = event(s, "message", json!({"from": "customer", "text": text, "at": now_rfc3339(), "msg_id": format!("m-{}", s.seq)}));
+            let s = st
+                .sessions
+                .get_mut(&sid)
+                .filter(|s| !s.ended)
+                .ok_or(Fail("not_found", "session ended".into()))?;
+            let ev = event(
+                s,
+                "message",
+                json!({"from": "customer", "text": text, "at": now_rfc3339(), "msg_id": format!("m-{}", s.seq)}),
+            );
             if let Some(wrong) = wrong_agent {
                 send(&wrong, &ev);
             } else if let Some((_, atx)) = &s.agent {
@@ -358,8 +416,12 @@ fn customer_op(hub: &Hub, ctx: &mut ConnCtx, m: &Value) -> Result<(), Fail> {
         }
         "typing" => {}
         "leave" => {
-            let sid = ctx.session.clone().ok_or(Fail("not_found", "no session on this connection".into()))?;
-            let seq = end_session(hub, &sid, "customer_left").ok_or(Fail("not_found", "session ended".into()))?;
+            let sid = ctx
+                .session
+                .clone()
+                .ok_or(Fail("not_found", "no session on this connection".into()))?;
+            let seq = end_session(hub, &sid, "customer_left")
+                .ok_or(Fail("not_found", "session ended".into()))?;
             ack(ctx, m, json!({"seq": seq}));
         }
         other => return Err(Fail("bad_request", format!("unknown type '{other}'"))),
@@ -398,20 +460,34 @@ fn agent_op(hub: &Hub, ctx: &mut ConnCtx, m: &Value) -> Result<(), Fail> {
             let topic = str_field(m, "topic", 1, 100)?;
             let mut st = hub.lock();
             if st.serving.contains_key(&ctx.id) {
-                return Err(Fail("conflict", "this agent already serves a session".into()));
+                return Err(Fail(
+                    "conflict",
+                    "this agent already serves a session".into(),
+                ));
             }
             let sid = loop {
                 let Some(sid) = st.queues.get_mut(topic).and_then(VecDeque::pop_front) else {
                     return Err(Fail("not_found", "the queue is empty".into()));
                 };
-                if st.sessions.get(&sid).is_some_and(|s| !s.ended && s.customer.is_some()) {
+                if st
+                    .sessions
+                    .get(&sid)
+                    .is_some_and(|s| !s.ended && s.customer.is_some())
+                {
                     break sid;
                 }
             };
             st.serving.insert(ctx.id, sid.clone());
-            let s = st.sessions.get_mut(&sid).ok_or(Fail("internal", "session vanished".into()))?;
+            let s = st
+                .sessions
+                .get_mut(&sid)
+                .ok_or(Fail("internal", "session vanished".into()))?;
             s.agent = Some((ctx.id, ctx.tx.clone()));
-            let ev = event(s, "assigned", json!({"agent": {"id": format!("a-{}", ctx.id), "name": "fake agent", "kind": "human"}}));
+            let ev = event(
+                s,
+                "assigned",
+                json!({"agent": {"id": format!("a-{}", ctx.id), "name": "fake agent", "kind": "human"}}),
+            );
             let seq = s.seq;
             let customer = s.customer.clone();
             drop(st);
@@ -436,8 +512,16 @@ fn agent_op(hub: &Hub, ctx: &mut ConnCtx, m: &Value) -> Result<(), Fail> {
             if st.serving.get(&ctx.id).map(String::as_str) != Some(sid) {
                 return Err(Fail("forbidden", "not a session this agent serves".into()));
             }
-            let s = st.sessions.get_mut(sid).filter(|s| !s.ended).ok_or(Fail("not_found", "session ended".into()))?;
-            let ev = event(s, "message", json!({"from": "agent", "text": text, "at": now_rfc3339(), "msg_id": format!("m-{}", s.seq)}));
+            let s = st
+                .sessions
+                .get_mut(sid)
+                .filter(|s| !s.ended)
+                .ok_or(Fail("not_found", "session ended".into()))?;
+            let ev = event(
+                s,
+                "message",
+                json!({"from": "agent", "text": text, "at": now_rfc3339(), "msg_id": format!("m-{}", s.seq)}),
+            );
             if let Some(c) = &s.customer {
                 send(c, &ev);
             }
@@ -450,7 +534,8 @@ fn agent_op(hub: &Hub, ctx: &mut ConnCtx, m: &Value) -> Result<(), Fail> {
             if hub.lock().serving.get(&ctx.id).map(String::as_str) != Some(sid) {
                 return Err(Fail("forbidden", "not a session this agent serves".into()));
             }
-            let seq = end_session(hub, sid, "agent_ended").ok_or(Fail("not_found", "session ended".into()))?;
+            let seq = end_session(hub, sid, "agent_ended")
+                .ok_or(Fail("not_found", "session ended".into()))?;
             ack(ctx, m, json!({"seq": seq}));
         }
         other => return Err(Fail("bad_request", format!("unknown type '{other}'"))),
@@ -483,7 +568,10 @@ fn disconnect(hub: &Hub, ctx: &ConnCtx) {
 
 /// One descriptor per connection: lift the soft open-file limit to the hard one.
 fn raise_nofile() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: valid pointers to an rlimit; raising soft up to hard is always permitted.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
@@ -499,15 +587,23 @@ async fn main() -> Result<()> {
     raise_nofile();
     let mut tokens: Option<HashSet<String>> = None;
     if !opts.tokens.is_empty() {
-        tokens.get_or_insert_with(HashSet::new).extend(opts.tokens.iter().cloned());
+        tokens
+            .get_or_insert_with(HashSet::new)
+            .extend(opts.tokens.iter().cloned());
     }
     if let Some(p) = &opts.tokens_file {
         let txt = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-        tokens
-            .get_or_insert_with(HashSet::new)
-            .extend(txt.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string));
+        tokens.get_or_insert_with(HashSet::new).extend(
+            txt.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_string),
+        );
     }
-    let hub = Arc::new(Hub { opts: opts.clone(), tokens, state: Mutex::default(),
+    let hub = Arc::new(Hub {
+        opts: opts.clone(),
+        tokens,
+        state: Mutex::default(),
         next_id: AtomicU64::new(1),
         open: AtomicU64::new(0),
         pongs: AtomicU64::new(0),
@@ -519,9 +615,15 @@ async fn main() -> Result<()> {
             let mut last = (0, 0);
             loop {
                 tokio::time::sleep(Duration::from_secs(5)).await;
-                let now = (hub.open.load(Ordering::Relaxed), hub.pongs.load(Ordering::Relaxed));
+                let now = (
+                    hub.open.load(Ordering::Relaxed),
+                    hub.pongs.load(Ordering::Relaxed),
+                );
                 if now != last {
-                    eprintln!("fake_duet: {} open WebSockets, {} pongs received", now.0, now.1);
+                    eprintln!(
+                        "fake_duet: {} open WebSockets, {} pongs received",
+                        now.0, now.1
+                    );
                     last = now;
                 }
             }
@@ -531,13 +633,21 @@ async fn main() -> Result<()> {
     for addr in &opts.bind {
         // tokio's `TcpListener::bind` listens with a backlog of 128: a burst of 200
         // connects would overflow it and cost SYN retransmits of a second
-        let sock = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }?;
+        let sock = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }?;
         sock.set_reuseaddr(true)?;
-        sock.bind(*addr).with_context(|| format!("binding {addr}"))?;
+        sock.bind(*addr)
+            .with_context(|| format!("binding {addr}"))?;
         let l = sock.listen(4096)?;
         // the real address (with `:0` the kernel picks the port; tests read this line)
         let local = l.local_addr()?;
-        eprintln!("fake_duet (TEST STUB, not duet; never benchmark it): listening on {local} pid {}", std::process::id());
+        eprintln!(
+            "fake_duet (TEST STUB, not duet; never benchmark it): listening on {local} pid {}",
+            std::process::id()
+        );
         listeners.push(l);
     }
     let mut tasks = Vec::new();

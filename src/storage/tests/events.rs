@@ -4,9 +4,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use diesel::prelude::*;
-use duet_actors::domain::{AgentInfo, AgentKind, EndReason, Event, EventBody, Mode, Party, SessionId};
+use duet_actors::domain::{
+    AgentInfo, AgentKind, EndReason, Event, EventBody, Mode, Party, SessionId,
+};
 use duet_actors::error::StoreError;
-use duet_actors::ports::{AppendBatch, EventStore, NewEvent, SessionChange, SessionRecord, SessionStatus};
+use duet_actors::ports::{
+    AppendBatch, EventStore, NewEvent, SessionChange, SessionRecord, SessionStatus,
+};
 use futures_util::future::join_all;
 
 use super::support::{each_backend, TestDb, BACKENDS};
@@ -19,13 +23,22 @@ pub(crate) fn sid() -> SessionId {
 
 fn ev(id: &SessionId, seq: i64, body: EventBody, key: Option<&str>) -> NewEvent {
     NewEvent {
-        event: Arc::new(Event { session_id: id.clone(), seq, at_ms: 1_700_000_000_000 + seq, body }),
+        event: Arc::new(Event {
+            session_id: id.clone(),
+            seq,
+            at_ms: 1_700_000_000_000 + seq,
+            body,
+        }),
         client_key: key.map(Arc::from),
     }
 }
 
 fn message(id: &SessionId, seq: i64, key: Option<&str>) -> NewEvent {
-    let body = EventBody::Message { from: Party::Customer, text: Arc::from(format!("hello {seq}")), msg_id: Arc::from(format!("m{seq}")) };
+    let body = EventBody::Message {
+        from: Party::Customer,
+        text: Arc::from(format!("hello {seq}")),
+        msg_id: Arc::from(format!("m{seq}")),
+    };
     ev(id, seq, body, key)
 }
 
@@ -42,35 +55,63 @@ fn record(id: &SessionId) -> SessionRecord {
 
 /// seq 1 (`session`) with the row, waiting since 1000.
 pub(crate) fn create(id: &SessionId) -> AppendBatch {
-    let body = EventBody::Session { resume_token: Some(Arc::from("secret")), topic: Arc::from("support"), mode: Mode::Human };
+    let body = EventBody::Session {
+        resume_token: Some(Arc::from("secret")),
+        topic: Arc::from("support"),
+        mode: Mode::Human,
+    };
     AppendBatch {
         session_id: id.clone(),
         events: vec![ev(id, 1, body, None)],
-        change: Some(SessionChange::Create(record(id), SessionStatus::Waiting { queued_at_ms: 1000 })),
+        change: Some(SessionChange::Create(
+            record(id),
+            SessionStatus::Waiting { queued_at_ms: 1000 },
+        )),
     }
 }
 
 fn says(id: &SessionId, seq: i64, key: Option<&str>) -> AppendBatch {
-    AppendBatch { session_id: id.clone(), events: vec![message(id, seq, key)], change: None }
+    AppendBatch {
+        session_id: id.clone(),
+        events: vec![message(id, seq, key)],
+        change: None,
+    }
 }
 
 fn agent() -> AgentInfo {
-    AgentInfo { id: Arc::from("alice"), name: Arc::from("Alice"), kind: AgentKind::Human }
+    AgentInfo {
+        id: Arc::from("alice"),
+        name: Arc::from("Alice"),
+        kind: AgentKind::Human,
+    }
 }
 
 fn assigned(id: &SessionId, seq: i64) -> AppendBatch {
     AppendBatch {
         session_id: id.clone(),
         events: vec![ev(id, seq, EventBody::Assigned { agent: agent() }, None)],
-        change: Some(SessionChange::Status(SessionStatus::Active { agent: agent(), assigned_at_ms: 2000 })),
+        change: Some(SessionChange::Status(SessionStatus::Active {
+            agent: agent(),
+            assigned_at_ms: 2000,
+        })),
     }
 }
 
 fn ended(id: &SessionId, seq: i64) -> AppendBatch {
     AppendBatch {
         session_id: id.clone(),
-        events: vec![ev(id, seq, EventBody::Ended { reason: EndReason::CustomerLeft }, None)],
-        change: Some(SessionChange::Status(SessionStatus::Ended { reason: EndReason::CustomerLeft, at_ms: 3000 })),
+        events: vec![ev(
+            id,
+            seq,
+            EventBody::Ended {
+                reason: EndReason::CustomerLeft,
+            },
+            None,
+        )],
+        change: Some(SessionChange::Status(SessionStatus::Ended {
+            reason: EndReason::CustomerLeft,
+            at_ms: 3000,
+        })),
     }
 }
 
@@ -94,27 +135,66 @@ async fn appended_events_read_back_in_order_with_snapshot() {
         ok(&store, assigned(&id, 3)).await;
         ok(&store, says(&id, 4, Some("agent:alice:1"))).await;
 
-        let snap = store.load_session(&id).await.expect("load").expect("stored");
+        let snap = store
+            .load_session(&id)
+            .await
+            .expect("load")
+            .expect("stored");
         assert_eq!(snap.last_seq, 4);
         assert_eq!(snap.record.customer_name.as_ref(), "Zoë");
         assert_eq!(snap.record.mode, Mode::Human);
-        assert_eq!(snap.status, SessionStatus::Active { agent: agent(), assigned_at_ms: 2000 });
-        let keys: Vec<(&str, i64)> = snap.client_keys.iter().map(|(k, s)| (k.as_ref(), *s)).collect();
+        assert_eq!(
+            snap.status,
+            SessionStatus::Active {
+                agent: agent(),
+                assigned_at_ms: 2000
+            }
+        );
+        let keys: Vec<(&str, i64)> = snap
+            .client_keys
+            .iter()
+            .map(|(k, s)| (k.as_ref(), *s))
+            .collect();
         assert_eq!(keys, vec![("customer:1", 2), ("agent:alice:1", 4)]);
 
         let all = store.events_after(&id, 0, 50).await.expect("page");
         assert_eq!(seqs(&all), vec![1, 2, 3, 4]);
         // The stored session event never carries the resume token.
-        assert!(matches!(&all[0].body, EventBody::Session { resume_token: None, .. }));
+        assert!(matches!(
+            &all[0].body,
+            EventBody::Session {
+                resume_token: None,
+                ..
+            }
+        ));
         assert_eq!(all[1].body, message(&id, 2, None).event.body);
         assert_eq!(all[1].at_ms, 1_700_000_000_002);
-        assert_eq!(seqs(&store.events_after(&id, 1, 2).await.expect("page")), vec![2, 3]);
-        assert_eq!(seqs(&store.events_after(&id, 4, 10).await.expect("page")), Vec::<i64>::new());
-        assert_eq!(seqs(&store.events_before(&id, 4, 10).await.expect("page")), vec![1, 2, 3]);
-        assert_eq!(seqs(&store.events_before(&id, 5, 2).await.expect("page")), vec![3, 4]);
-        assert_eq!(seqs(&store.events_before(&id, 1, 2).await.expect("page")), Vec::<i64>::new());
+        assert_eq!(
+            seqs(&store.events_after(&id, 1, 2).await.expect("page")),
+            vec![2, 3]
+        );
+        assert_eq!(
+            seqs(&store.events_after(&id, 4, 10).await.expect("page")),
+            Vec::<i64>::new()
+        );
+        assert_eq!(
+            seqs(&store.events_before(&id, 4, 10).await.expect("page")),
+            vec![1, 2, 3]
+        );
+        assert_eq!(
+            seqs(&store.events_before(&id, 5, 2).await.expect("page")),
+            vec![3, 4]
+        );
+        assert_eq!(
+            seqs(&store.events_before(&id, 1, 2).await.expect("page")),
+            Vec::<i64>::new()
+        );
         assert!(store.load_session(&sid()).await.expect("load").is_none());
-        assert!(store.events_after(&sid(), 0, 10).await.expect("page").is_empty());
+        assert!(store
+            .events_after(&sid(), 0, 10)
+            .await
+            .expect("page")
+            .is_empty());
     })
     .await;
 }
@@ -122,7 +202,10 @@ async fn appended_events_read_back_in_order_with_snapshot() {
 #[tokio::test]
 async fn many_sessions_commit_in_groups_and_keep_each_order() {
     // A small batch_max forces many groups and the carry-over between them.
-    let opts = DbOptions { batch_max: 64, ..DbOptions::default() };
+    let opts = DbOptions {
+        batch_max: 64,
+        ..DbOptions::default()
+    };
     each_backend(opts, |db| async move {
         let store = db.event_store();
         let ids: Vec<SessionId> = (0..150).map(|_| sid()).collect();
@@ -131,7 +214,11 @@ async fn many_sessions_commit_in_groups_and_keep_each_order() {
         let mut pending = Vec::new();
         for seq in 1..=6 {
             for id in &ids {
-                let batch = if seq == 1 { create(id) } else { says(id, seq, Some(&format!("customer:{seq}"))) };
+                let batch = if seq == 1 {
+                    create(id)
+                } else {
+                    says(id, seq, Some(&format!("customer:{seq}")))
+                };
                 pending.push(store.append(batch));
             }
         }
@@ -161,9 +248,15 @@ async fn one_big_batch_is_split_under_the_bind_limit() {
         let store = db.event_store();
         let id = sid();
         let mut batch = create(&id);
-        batch.events.extend((2..=12_001).map(|seq| message(&id, seq, Some(&format!("k{seq}")))));
+        batch
+            .events
+            .extend((2..=12_001).map(|seq| message(&id, seq, Some(&format!("k{seq}")))));
         ok(&store, batch).await;
-        let snap = store.load_session(&id).await.expect("load").expect("stored");
+        let snap = store
+            .load_session(&id)
+            .await
+            .expect("load")
+            .expect("stored");
         assert_eq!((snap.last_seq, snap.client_keys.len()), (12_001, 12_000));
         let tail = store.events_before(&id, 12_002, 3).await.expect("page");
         assert_eq!(seqs(&tail), vec![11_999, 12_000, 12_001]);
@@ -174,7 +267,10 @@ async fn one_big_batch_is_split_under_the_bind_limit() {
 #[tokio::test]
 async fn a_duplicate_key_fails_alone_and_stores_nothing() {
     // Linger so that all of these land in one group.
-    let opts = DbOptions { batch_linger: Duration::from_millis(100), ..DbOptions::default() };
+    let opts = DbOptions {
+        batch_linger: Duration::from_millis(100),
+        ..DbOptions::default()
+    };
     each_backend(opts, |db| async move {
         let store = db.event_store();
         let (a, b) = (sid(), sid());
@@ -188,14 +284,23 @@ async fn a_duplicate_key_fails_alone_and_stores_nothing() {
         let (dup, after_dup, other) = futures_util::future::join3(dup, after_dup, other).await;
         assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
         // Committing seq 4 without seq 3 would leave a gap.
-        assert!(matches!(after_dup, Err(StoreError::Conflict(_))), "{after_dup:?}");
+        assert!(
+            matches!(after_dup, Err(StoreError::Conflict(_))),
+            "{after_dup:?}"
+        );
         assert_eq!(other, Ok(()));
 
         let snap = store.load_session(&a).await.expect("load").expect("stored");
         assert_eq!(snap.last_seq, 2);
-        assert_eq!(seqs(&store.events_after(&a, 0, 10).await.expect("page")), vec![1, 2]);
+        assert_eq!(
+            seqs(&store.events_after(&a, 0, 10).await.expect("page")),
+            vec![1, 2]
+        );
         // The same seq again is refused too (a second writer of the session).
-        assert!(matches!(store.append(says(&a, 2, None)).await, Err(StoreError::Conflict(_))));
+        assert!(matches!(
+            store.append(says(&a, 2, None)).await,
+            Err(StoreError::Conflict(_))
+        ));
         ok(&store, says(&a, 3, Some("customer:8"))).await;
     })
     .await;
@@ -207,15 +312,28 @@ async fn gaps_foreign_events_and_unknown_sessions_are_refused() {
         let store = db.event_store();
         let id = sid();
         ok(&store, create(&id)).await;
-        assert!(matches!(store.append(says(&id, 5, None)).await, Err(StoreError::Conflict(_))));
-        assert!(matches!(store.append(says(&sid(), 1, None)).await, Err(StoreError::Conflict(_))));
+        assert!(matches!(
+            store.append(says(&id, 5, None)).await,
+            Err(StoreError::Conflict(_))
+        ));
+        assert!(matches!(
+            store.append(says(&sid(), 1, None)).await,
+            Err(StoreError::Conflict(_))
+        ));
         let mut mixed = says(&id, 2, None);
         mixed.events.push(message(&sid(), 3, None));
         assert_eq!(store.append(mixed).await, Err(StoreError::Internal));
         let mut unordered = says(&id, 2, None);
         unordered.events.push(message(&id, 4, None));
         assert_eq!(store.append(unordered).await, Err(StoreError::Internal));
-        assert_eq!(store.load_session(&id).await.expect("load").map(|s| s.last_seq), Some(1));
+        assert_eq!(
+            store
+                .load_session(&id)
+                .await
+                .expect("load")
+                .map(|s| s.last_seq),
+            Some(1)
+        );
     })
     .await;
 }
@@ -240,21 +358,46 @@ async fn open_sessions_are_those_not_ended() {
         let back = AppendBatch {
             session_id: requeued.clone(),
             events: vec![],
-            change: Some(SessionChange::Status(SessionStatus::Waiting { queued_at_ms: 5 })),
+            change: Some(SessionChange::Status(SessionStatus::Waiting {
+                queued_at_ms: 5,
+            })),
         };
         ok(&store, back).await;
 
         let mut open = store.open_sessions().await.expect("open");
-        open.sort_by_key(|s| [&waiting, &active, &requeued].iter().position(|id| **id == s.record.id));
+        open.sort_by_key(|s| {
+            [&waiting, &active, &requeued]
+                .iter()
+                .position(|id| **id == s.record.id)
+        });
         let ids: Vec<&SessionId> = open.iter().map(|s| &s.record.id).collect();
         assert_eq!(ids, vec![&waiting, &active, &requeued]);
-        assert_eq!(open[0].status, SessionStatus::Waiting { queued_at_ms: 1000 });
-        assert_eq!(open[1].status, SessionStatus::Active { agent: agent(), assigned_at_ms: 2000 });
+        assert_eq!(
+            open[0].status,
+            SessionStatus::Waiting { queued_at_ms: 1000 }
+        );
+        assert_eq!(
+            open[1].status,
+            SessionStatus::Active {
+                agent: agent(),
+                assigned_at_ms: 2000
+            }
+        );
         assert_eq!(open[2].status, SessionStatus::Waiting { queued_at_ms: 5 });
         assert_eq!((open[1].last_seq, open[1].client_keys.len()), (3, 1));
         assert_eq!(open[2].last_seq, 2);
-        let ended = store.load_session(&done).await.expect("load").expect("stored");
-        assert_eq!(ended.status, SessionStatus::Ended { reason: EndReason::CustomerLeft, at_ms: 3000 });
+        let ended = store
+            .load_session(&done)
+            .await
+            .expect("load")
+            .expect("stored");
+        assert_eq!(
+            ended.status,
+            SessionStatus::Ended {
+                reason: EndReason::CustomerLeft,
+                at_ms: 3000
+            }
+        );
     })
     .await;
 }
@@ -283,7 +426,10 @@ async fn rows_that_do_not_decode_are_skipped() {
         .await
         .expect("raw insert");
         ok(&store, says(&id, 3, None)).await;
-        assert_eq!(seqs(&store.events_after(&id, 0, 10).await.expect("page")), vec![1, 3]);
+        assert_eq!(
+            seqs(&store.events_after(&id, 0, 10).await.expect("page")),
+            vec![1, 3]
+        );
     })
     .await;
 }
@@ -298,18 +444,29 @@ async fn sqlite_file_is_wal_with_full_sync_and_pg_commits_synchronously() {
     for backend in BACKENDS {
         let t = TestDb::new(backend, DbOptions::default());
         assert_eq!(t.db.backend(), backend);
-        let got = t
-            .db
-            .run(|c| {
+        let got =
+            t.db.run(|c| {
                 let q = |sql: &str| diesel::sql_query(sql.to_owned());
                 Ok(match c {
                     DbConn::Sqlite(c) => vec![
-                        q("SELECT journal_mode AS value FROM pragma_journal_mode").get_result::<Setting>(c)?.value,
-                        q("SELECT CAST(synchronous AS TEXT) AS value FROM pragma_synchronous").get_result::<Setting>(c)?.value,
-                        q("SELECT CAST(timeout AS TEXT) AS value FROM pragma_busy_timeout").get_result::<Setting>(c)?.value,
-                        q("SELECT CAST(foreign_keys AS TEXT) AS value FROM pragma_foreign_keys").get_result::<Setting>(c)?.value,
+                        q("SELECT journal_mode AS value FROM pragma_journal_mode")
+                            .get_result::<Setting>(c)?
+                            .value,
+                        q("SELECT CAST(synchronous AS TEXT) AS value FROM pragma_synchronous")
+                            .get_result::<Setting>(c)?
+                            .value,
+                        q("SELECT CAST(timeout AS TEXT) AS value FROM pragma_busy_timeout")
+                            .get_result::<Setting>(c)?
+                            .value,
+                        q("SELECT CAST(foreign_keys AS TEXT) AS value FROM pragma_foreign_keys")
+                            .get_result::<Setting>(c)?
+                            .value,
                     ],
-                    DbConn::Pg(c) => vec![q("SELECT current_setting('synchronous_commit') AS value").get_result::<Setting>(c)?.value],
+                    DbConn::Pg(c) => vec![
+                        q("SELECT current_setting('synchronous_commit') AS value")
+                            .get_result::<Setting>(c)?
+                            .value,
+                    ],
                 })
             })
             .await

@@ -21,7 +21,11 @@ fn pg_socket() -> std::net::SocketAddr {
         .and_then(|rest| rest.split('/').next())
         .map(|hp| hp.rsplit('@').next().unwrap_or(hp).to_owned())
         .expect("DUET_TEST_DATABASE_URL has a host");
-    let host_port = if host_port.contains(':') { host_port } else { format!("{host_port}:5432") };
+    let host_port = if host_port.contains(':') {
+        host_port
+    } else {
+        format!("{host_port}:5432")
+    };
     host_port
         .to_socket_addrs()
         .ok()
@@ -32,10 +36,15 @@ fn pg_socket() -> std::net::SocketAddr {
 #[tokio::test]
 async fn open_against_a_closed_port_fails_fast() {
     let started = Instant::now();
-    let result = tokio::task::spawn_blocking(|| Database::open("postgres://postgres@127.0.0.1:1/none", DbOptions::default()))
-        .await
-        .expect("join");
-    assert!(matches!(result, Err(StorageError::Unavailable(_))), "{result:?}");
+    let result = tokio::task::spawn_blocking(|| {
+        Database::open("postgres://postgres@127.0.0.1:1/none", DbOptions::default())
+    })
+    .await
+    .expect("join");
+    assert!(
+        matches!(result, Err(StorageError::Unavailable(_))),
+        "{result:?}"
+    );
     assert!(started.elapsed() < PROMPT, "took {:?}", started.elapsed());
 }
 
@@ -60,16 +69,31 @@ async fn appends_reads_and_ping_fail_fast_while_down_then_recover() {
     let started = Instant::now();
     let down = store.append(super::events::create(&sid())).await;
     assert_eq!(down, Err(StoreError::Unavailable { what: "database" }));
-    assert!(started.elapsed() < PROMPT, "append took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < PROMPT,
+        "append took {:?}",
+        started.elapsed()
+    );
 
     let started = Instant::now();
     let read = store.load_session(&id).await;
-    assert_eq!(read.map(|s| s.is_some()), Err(StoreError::Unavailable { what: "database" }));
-    assert!(started.elapsed() < PROMPT, "read took {:?}", started.elapsed());
+    assert_eq!(
+        read.map(|s| s.is_some()),
+        Err(StoreError::Unavailable { what: "database" })
+    );
+    assert!(
+        started.elapsed() < PROMPT,
+        "read took {:?}",
+        started.elapsed()
+    );
 
     let started = Instant::now();
     assert!(matches!(db.ping().await, Err(StorageError::Unavailable(_))));
-    assert!(started.elapsed() < PROMPT, "ping took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < PROMPT,
+        "ping took {:?}",
+        started.elapsed()
+    );
 
     proxy.set_up(true);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -84,7 +108,11 @@ async fn appends_reads_and_ping_fail_fast_while_down_then_recover() {
             Err(e) => panic!("writer did not recover: {e}"),
         }
     }
-    assert!(store.load_session(&back).await.expect("read after recovery").is_some());
+    assert!(store
+        .load_session(&back)
+        .await
+        .expect("read after recovery")
+        .is_some());
     db.ping().await.expect("ping after recovery");
     drop(store);
     drop(db);

@@ -19,7 +19,8 @@ use crate::storage::{Backend, Database, DbOptions};
 pub(crate) const BACKENDS: [Backend; 2] = [Backend::Sqlite, Backend::Postgres];
 
 pub(crate) fn pg_server_url() -> String {
-    std::env::var("DUET_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+    std::env::var("DUET_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 
 /// `url` with its database name replaced.
@@ -87,7 +88,10 @@ fn fresh(backend: Backend) -> (String, Cleanup) {
             if let Err(e) = admin.batch_execute(&format!("CREATE DATABASE {name}")) {
                 panic!("cannot create test database {name}: {e}");
             }
-            (with_database(&server, &name), Cleanup::PgDatabase { server, name })
+            (
+                with_database(&server, &name),
+                Cleanup::PgDatabase { server, name },
+            )
         }
     }
 }
@@ -171,7 +175,12 @@ impl Proxy {
                 }
             }
         });
-        Ok(Proxy { addr, up, stop, open })
+        Ok(Proxy {
+            addr,
+            up,
+            stop,
+            open,
+        })
     }
 
     pub(crate) fn set_up(&self, up: bool) {
@@ -193,7 +202,11 @@ impl Drop for Proxy {
     }
 }
 
-fn forward(client: TcpStream, upstream: SocketAddr, open: &Mutex<Vec<TcpStream>>) -> io::Result<()> {
+fn forward(
+    client: TcpStream,
+    upstream: SocketAddr,
+    open: &Mutex<Vec<TcpStream>>,
+) -> io::Result<()> {
     client.set_nonblocking(false)?;
     let server = TcpStream::connect(upstream)?;
     if let Ok(mut open) = open.lock() {
