@@ -22,9 +22,6 @@ use anyhow::{bail, Context};
 
 use crate::config::Config;
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 enum Command {
     Serve,
     Migrate,

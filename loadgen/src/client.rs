@@ -208,6 +208,11 @@ pub struct Frame<'a> {
     pub position: Option<u64>,
     #[serde(default)]
     pub waiting: Option<u64>,
+    /// `hello`: the node's name and protocol version.
+    #[serde(default, borrow)]
+    pub node: Option<Str<'a>>,
+    #[serde(default)]
+    pub protocol: Option<u64>,
 }
 
 impl Frame<'_> {
@@ -242,6 +247,11 @@ pub trait Observer: Send + Sync + 'static {
     fn on_reply(&self, _reference: u64, _frame: &Frame<'_>, _at: Instant) {}
 }
 
+/// What a server said about itself in `hello`, for the JSON line (`server_hello`).
+pub fn hello_json(s: &ConnState) -> serde_json::Value {
+    json!({"node": s.hello_node, "protocol": s.hello_protocol})
+}
+
 /// An observer that ignores everything.
 pub struct Quiet;
 impl Observer for Quiet {}
@@ -250,6 +260,9 @@ impl Observer for Quiet {}
 #[derive(Debug, Clone, Default)]
 pub struct ConnState {
     pub hello: bool,
+    /// `node` and `protocol` of `hello` (the stub calls itself `fake-duet-stub`).
+    pub hello_node: Option<String>,
+    pub hello_protocol: Option<u64>,
     /// Customer: from `session`.
     pub session_id: Option<String>,
     pub resume_token: Option<String>,
@@ -649,7 +662,11 @@ fn handle(
     }
     match f.ty.as_str() {
         "hello" => {
-            state.send_modify(|s| s.hello = true);
+            state.send_modify(|s| {
+                s.hello = true;
+                s.hello_node = f.node.as_ref().map(|n| n.as_str().to_string());
+                s.hello_protocol = f.protocol;
+            });
             return;
         }
         "dashboard" => {

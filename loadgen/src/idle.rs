@@ -19,7 +19,7 @@ use anyhow::Result;
 use serde_json::{json, Value};
 use tokio::time::{sleep, Instant};
 
-use crate::client::{Conn, ConnectOpts, Endpoint, Quiet};
+use crate::client::{hello_json, Conn, ConnectOpts, Endpoint, Quiet};
 use crate::pool::pool;
 use crate::procfs::{self, Snapshot};
 use crate::report::{kib, log, mib, opt};
@@ -274,6 +274,9 @@ pub async fn run(o: IdleOpts) -> Result<(Value, Vec<(String, String)>)> {
         None
     };
     let still_open = conns.iter().filter(|c| !c.is_closed()).count();
+    let server_hello = conns
+        .first()
+        .map_or(Value::Null, |c| hello_json(&c.state()));
     let client_rss = procfs::self_rss();
 
     log("idle: closing");
@@ -332,6 +335,7 @@ pub async fn run(o: IdleOpts) -> Result<(Value, Vec<(String, String)>)> {
     let cpu_adm = server.get("cpu_open_s").cloned().unwrap_or(Value::Null);
     let result = json!({
         "requested": o.n,
+        "server_hello": server_hello,
         "topic": o.topic,
         "connected": connected,
         "joined": joined,

@@ -181,8 +181,11 @@ fn run_id() -> String {
 }
 
 fn topic(base: &str, fixed: bool) -> Result<String> {
-    if base.is_empty() || base.chars().count() > 60 {
-        bail!("--topic: 1 to 60 characters");
+    // duet accepts topics of at most 64 letters, digits, `-`, `_` or `.`; the run id
+    // (14) and the pre-warm suffix (5) come on top
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if base.is_empty() || base.len() > 40 || !base.chars().all(ok_char) {
+        bail!("--topic: 1 to 40 letters, digits, `-`, `_` or `.`");
     }
     Ok(if fixed {
         base.to_string()
@@ -241,6 +244,19 @@ fn parse_db_pids(v: Option<&str>) -> Result<relay::DbPids> {
     })
 }
 
+/// `duet`, unless the server introduced itself as the load generator's test stub: a
+/// stub run must never pass for a duet figure in a table.
+fn target_of(result: &Value) -> &'static str {
+    if result["server_hello"]["node"] == STUB_NODE {
+        "fake-duet-stub"
+    } else {
+        "duet"
+    }
+}
+
+/// The `hello.node` of `fake_duet`.
+const STUB_NODE: &str = "fake-duet-stub";
+
 fn envelope(
     scenario: &str,
     c: &Common,
@@ -253,7 +269,7 @@ fn envelope(
         "kind": "duet-loadgen/1",
         "tool": concat!("duet-loadgen-rs/", env!("CARGO_PKG_VERSION")),
         "started": report::now_rfc3339(),
-        "target": "duet",
+        "target": target_of(&result),
         "scenario": scenario,
         "label": c.label,
         "urls": c.url,

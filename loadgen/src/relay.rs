@@ -36,7 +36,7 @@ use anyhow::{bail, Result};
 use serde_json::{json, Value};
 use tokio::time::{interval_at, sleep, sleep_until, Instant, MissedTickBehavior};
 
-use crate::client::{Conn, ConnectOpts, Endpoint};
+use crate::client::{hello_json, Conn, ConnectOpts, Endpoint};
 use crate::pool::pool;
 use crate::procfs;
 use crate::report::{log, opt};
@@ -290,6 +290,11 @@ async fn setup(o: &RelayOpts, probe: &Arc<Probe>) -> Result<Pairs> {
         bail!("relay: no active pair; setup errors: {errors}");
     }
     probe.set_sessions(sessions);
+    let server_hello = customers
+        .iter()
+        .flatten()
+        .next()
+        .map_or(Value::Null, |c| hello_json(&c.state()));
     let setup = json!({
         "agents_ready": agents_ready,
         "customers_joined": customers_joined,
@@ -299,6 +304,7 @@ async fn setup(o: &RelayOpts, probe: &Arc<Probe>) -> Result<Pairs> {
         "errors": errors,
         "setup_s": round(setup_s, 3),
         "listen_overflows": listen_overflows,
+        "server_hello": server_hello,
     });
     Ok(Pairs {
         agents,
@@ -559,6 +565,7 @@ fn figures(
         "cross_node": o.endpoints.len() > 1,
         "topic": o.topic,
         "setup": pairs.setup,
+        "server_hello": pairs.setup["server_hello"],
         "target_msgs_per_s": offered,
         "window_s": round(window_s, 3),
         "send_phase_s": round(m.send_end.saturating_duration_since(start.at).as_secs_f64(), 3),

@@ -122,6 +122,10 @@ fn idle_small() {
     assert!(r["rss_per_customer_bytes"].is_number(), "{r}");
     assert!(r["server"]["cpu_open_s"].is_number(), "{r}");
     assert_eq!(r["failures"], serde_json::json!({}));
+    // a stub run must not pass for a duet figure
+    let line: Value = serde_json::from_str(out.lines().last().expect("a JSON line")).expect("JSON");
+    assert_eq!(line["target"], "fake-duet-stub", "{line}");
+    assert_eq!(line["kind"], "duet-loadgen/1");
 }
 
 #[test]

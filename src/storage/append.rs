@@ -76,8 +76,14 @@ pub(super) fn validate(batch: &AppendBatch) -> Result<(), String> {
 /// Commits the batches together, or nothing of them.
 pub(super) fn commit_group(conn: &mut DbConn, batches: &[&AppendBatch]) -> Result<(), AppendError> {
     conn.write_transaction(|c| {
+        // Creations first: a batch that creates its session also carries its
+        // first events, whose seq check needs the row.
         for batch in batches {
-            apply_session_row(c, batch)?;
+            create_session_row(c, batch)?;
+        }
+        advance_seqs(c, batches)?;
+        for batch in batches {
+            apply_status(c, batch)?;
         }
         let rows: Vec<NewEventRow<'_>> = batches
             .iter()
@@ -92,32 +98,76 @@ pub(super) fn commit_group(conn: &mut DbConn, batches: &[&AppendBatch]) -> Resul
     })
 }
 
-fn apply_session_row(c: &mut DbConn, batch: &AppendBatch) -> Result<(), AppendError> {
-    let id = batch.session_id.as_ref();
-    let refused = |detail| AppendError::Sequence {
-        session_id: id.to_owned(),
-        detail,
-    };
+fn refused(batch: &AppendBatch, detail: &'static str) -> AppendError {
+    AppendError::Sequence { session_id: batch.session_id.to_string(), detail }
+}
+
+fn create_session_row(c: &mut DbConn, batch: &AppendBatch) -> Result<(), AppendError> {
     if let Some(SessionChange::Create(record, status)) = &batch.change {
         diesel::insert_into(sessions::table)
             .values(NewSessionRow::new(record, status))
             .execute(c)?;
     }
-    if let (Some(first), Some(last)) = (batch.events.first(), batch.events.last()) {
-        let moved = diesel::update(sessions::table)
-            .filter(sessions::id.eq(id))
-            .filter(sessions::last_seq.eq(first.event.seq - 1))
-            .set(sessions::last_seq.eq(last.event.seq))
-            .execute(c)?;
-        if moved != 1 {
-            return Err(refused(
-                "seq does not continue the stored log (or no such session)",
-            ));
+    Ok(())
+}
+
+/// Sessions updated per seq-check statement on PostgreSQL (3 binds each).
+const SEQ_ROWS_PER_UPDATE: usize = 2000;
+
+/// Moves each session's `last_seq` to its batch's last event, if and only if
+/// the batch starts right after the stored one. On PostgreSQL one statement
+/// checks a whole group (a round trip per session would dominate the
+/// commit); SQLite is in-process, so a statement per session costs little.
+/// Any refusal fails the group; the writer then retries batch by batch to
+/// find the one at fault.
+fn advance_seqs(c: &mut DbConn, batches: &[&AppendBatch]) -> Result<(), AppendError> {
+    let moves: Vec<(&AppendBatch, i64, i64)> = batches
+        .iter()
+        .filter_map(|b| Some((*b, b.events.first()?.event.seq - 1, b.events.last()?.event.seq)))
+        .collect();
+    match c {
+        DbConn::Pg(pg) if moves.len() > 1 => {
+            for chunk in moves.chunks(SEQ_ROWS_PER_UPDATE) {
+                let values: Vec<String> = (0..chunk.len())
+                    .map(|i| format!("(${}::text, ${}::bigint, ${}::bigint)", 3 * i + 1, 3 * i + 2, 3 * i + 3))
+                    .collect();
+                let sql = format!(
+                    "UPDATE sessions AS s SET last_seq = v.last FROM (VALUES {}) AS v(id, prev, last) \
+                     WHERE s.id = v.id AND s.last_seq = v.prev",
+                    values.join(", ")
+                );
+                let mut q = diesel::sql_query(sql).into_boxed::<diesel::pg::Pg>();
+                for (b, prev, last) in chunk {
+                    q = q
+                        .bind::<diesel::sql_types::Text, _>(b.session_id.to_string())
+                        .bind::<diesel::sql_types::BigInt, _>(*prev)
+                        .bind::<diesel::sql_types::BigInt, _>(*last);
+                }
+                if q.execute(pg)? != chunk.len() {
+                    return Err(refused(chunk[0].0, "a batch of the group does not continue its stored log"));
+                }
+            }
+        }
+        _ => {
+            for (b, prev, last) in moves {
+                let moved = diesel::update(sessions::table)
+                    .filter(sessions::id.eq(b.session_id.as_ref()))
+                    .filter(sessions::last_seq.eq(prev))
+                    .set(sessions::last_seq.eq(last))
+                    .execute(c)?;
+                if moved != 1 {
+                    return Err(refused(b, "seq does not continue the stored log (or no such session)"));
+                }
+            }
         }
     }
+    Ok(())
+}
+
+fn apply_status(c: &mut DbConn, batch: &AppendBatch) -> Result<(), AppendError> {
     if let Some(SessionChange::Status(status)) = &batch.change {
-        if update_status(c, id, status)? != 1 {
-            return Err(refused("status change for a session that is not stored"));
+        if update_status(c, batch.session_id.as_ref(), status)? != 1 {
+            return Err(refused(batch, "status change for a session that is not stored"));
         }
     }
     Ok(())

@@ -71,7 +71,7 @@ pub async fn customer(req: HttpRequest, body: web::Payload, state: web::Data<App
     let conn_id = conn::next_conn_id();
     let (handle, inbox) = ConnHandle::channel(conn_id, state.config.outbox_frames);
     let span = tracing::info_span!("conn", conn_id, role = "customer", node = %state.config.node_id);
-    actix_web::rt::spawn(tracing::Instrument::instrument(
+    let fut = tracing::Instrument::instrument(
         async move {
             state.conns.lock().insert(conn_id, handle.clone());
             let label = RoleLabel { role: "customer" };
@@ -85,7 +85,9 @@ pub async fn customer(req: HttpRequest, body: web::Payload, state: web::Data<App
             state.metrics.connections.get_or_create(&label).dec();
         },
         span,
-    ));
+    );
+    tracing::debug!(bytes = std::mem::size_of_val(&fut), "customer connection task size");
+    actix_web::rt::spawn(fut);
     Ok(res)
 }
 

@@ -8,3 +8,8 @@
 mod support;
 
 mod conversation;
+mod protocol_edges;
+mod races;
+mod resume;
+mod durability;
+mod admin_auth;

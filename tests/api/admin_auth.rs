@@ -1,0 +1,394 @@
+//! Admin sign-in by one-time code (read from the development log), lockout,
+//! logout, and the HTTP rules around it: JSON errors, body limits, the
+//! metrics token, admin-only routes and security headers.
+
+use serde_json::{json, Value};
+
+use crate::support::{eventually, join, Client, Options, TestApp};
+
+async fn post(app: &TestApp, path: &str, body: &Value) -> reqwest::Response {
+    app.http.post(format!("{}{path}", app.base)).json(body).send().await.expect("http post")
+}
+
+async fn post_raw(app: &TestApp, path: &str, body: String, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut r = app.http.post(format!("{}{path}", app.base)).header("content-type", "application/json").body(body);
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    r.send().await.expect("http post")
+}
+
+/// Status, `Retry-After`, and the JSON body (which must be JSON).
+async fn answer(r: reqwest::Response) -> (u16, Option<String>, Value) {
+    let status = r.status().as_u16();
+    let retry = r.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let text = r.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or_else(|_| panic!("status {status}: body is not JSON: {text:?}"));
+    (status, retry, body)
+}
+
+/// `{"error":{"code","message"}}` with this code.
+fn assert_error(body: &Value, code: &str) {
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+}
+
+/// The one-time codes the log shows for `admin_id`, oldest first.
+fn logged_codes(app: &TestApp, admin_id: &str) -> Vec<String> {
+    app.logs()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["admin_id"] == admin_id)
+        .filter_map(|v| v["code"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Requests a code (202) and reads the new one from the log.
+async fn request_code(app: &TestApp, admin_id: &str) -> String {
+    let before = logged_codes(app, admin_id).len();
+    let (status, _, body) = answer(post(app, "/admin/otp/request", &json!({"admin_id":admin_id})).await).await;
+    assert_eq!(status, 202, "{body}");
+    let code = eventually(&format!("a code for {admin_id} in the log"), || async move {
+        let codes = logged_codes(app, admin_id);
+        (codes.len() > before).then(|| codes.last().cloned()).flatten()
+    })
+    .await;
+    assert!(code.len() >= 6 && code.chars().all(|c| c.is_ascii_digit()), "{code}");
+    code
+}
+
+async fn verify(app: &TestApp, admin_id: &str, code: &str) -> (u16, Option<String>, Value) {
+    answer(post(app, "/admin/otp/verify", &json!({"admin_id":admin_id,"code":code})).await).await
+}
+
+/// A different code of the same shape.
+fn wrong(code: &str, n: u32) -> String {
+    let mut digits: Vec<u32> = code.chars().map(|c| c.to_digit(10).unwrap()).collect();
+    let last = digits.len() - 1;
+    digits[last] = (digits[last] + 1 + n % 9) % 10;
+    digits.iter().map(|d| char::from_digit(*d, 10).unwrap()).collect()
+}
+
+fn add_admin(app: &TestApp, id: &str) {
+    let out = app.cli(&["admin", "add", id, "--name", &format!("Admin {id}")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Seconds since the epoch of an RFC 3339 time (`2025-01-02T03:04:05.678Z`,
+/// or with a `+hh:mm` offset).
+fn rfc3339_secs(s: &str) -> i64 {
+    let num = |a: usize, b: usize| -> i64 { s.get(a..b).and_then(|x| x.parse().ok()).unwrap_or_else(|| panic!("not RFC 3339: {s}")) };
+    assert!(s.len() >= 20 && &s[4..5] == "-" && &s[7..8] == "-" && &s[10..11] == "T" && &s[13..14] == ":", "not RFC 3339: {s}");
+    let (y, m, d) = (num(0, 4), num(5, 7), num(8, 10));
+    let secs = num(11, 13) * 3600 + num(14, 16) * 60 + num(17, 19);
+    let mut rest = &s[19..];
+    if let Some(frac) = rest.strip_prefix('.') {
+        let n = frac.find(|c: char| !c.is_ascii_digit()).unwrap_or(frac.len());
+        assert!(n > 0, "{s}");
+        rest = &frac[n..];
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        o if o.len() == 6 && (o.starts_with('+') || o.starts_with('-')) => {
+            let v: i64 = o[1..3].parse::<i64>().unwrap() * 3600 + o[4..6].parse::<i64>().unwrap() * 60;
+            if o.starts_with('-') { -v } else { v }
+        }
+        _ => panic!("not RFC 3339: {s}"),
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    days * 86400 + secs - offset
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// The `duet_session` cookie's value from a response's `Set-Cookie`s.
+fn session_cookie(headers: &reqwest::header::HeaderMap) -> (String, String) {
+    let raw = headers
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|c| c.starts_with("duet_session="))
+        .unwrap_or_else(|| panic!("no duet_session cookie in {headers:?}"))
+        .to_owned();
+    let value = raw["duet_session=".len()..].split(';').next().unwrap().to_owned();
+    (value, raw)
+}
+
+async fn admin_ws(app: &TestApp, headers: &[(&str, &str)]) -> Result<Client, u16> {
+    match Client::connect(&app.ws_url("/admin/ws"), headers).await {
+        Ok(mut c) => {
+            let hello = c.recv().await;
+            assert_eq!(hello["type"], "hello", "{hello}");
+            Ok(c)
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
+        Err(e) => panic!("admin ws: {e}"),
+    }
+}
+
+async fn queues_status(app: &TestApp, headers: &[(&str, &str)]) -> (u16, Value) {
+    let mut r = app.http.get(format!("{}/api/queues", app.base));
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    let (s, _, b) = answer(r.send().await.unwrap()).await;
+    (s, b)
+}
+
+#[tokio::test]
+async fn otp_login_single_use_cookie_and_logout() {
+    let app = TestApp::spawn().await;
+    add_admin(&app, "alice");
+    let code = request_code(&app, "alice").await;
+
+    let (status, _, body) = verify(&app, "alice", &wrong(&code, 0)).await;
+    assert_eq!(status, 401, "{body}");
+    assert_error(&body, "unauthorized");
+
+    let r = post(&app, "/admin/otp/verify", &json!({"admin_id":"alice","code":code})).await;
+    assert_eq!(r.status(), 200);
+    let (cookie, raw_cookie) = session_cookie(r.headers());
+    let body: Value = r.json().await.unwrap();
+    let token = body["token"].as_str().expect("token").to_owned();
+    assert_eq!(cookie, token, "the cookie carries the session");
+    let lower = raw_cookie.to_ascii_lowercase();
+    assert!(lower.contains("httponly") && lower.contains("path=/"), "{raw_cookie}");
+    let expires = rfc3339_secs(body["expires_at"].as_str().expect("expires_at"));
+    assert!(expires > now_secs() + 60 && expires < now_secs() + 90 * 86400, "{body}");
+
+    // Single use: the same code again is refused.
+    let (status, _, body) = verify(&app, "alice", &code).await;
+    assert_eq!(status, 401, "a used code: {body}");
+    assert_error(&body, "unauthorized");
+
+    // The token is an admin session: HTTP and the agents' socket.
+    let bearer = format!("Bearer {token}");
+    let (status, dash) = queues_status(&app, &[("authorization", &bearer)]).await;
+    assert_eq!(status, 200, "{dash}");
+    for k in ["queues", "sessions", "agents", "nodes"] {
+        assert!(dash[k].is_array(), "dashboard has {k}: {dash}");
+    }
+    let cookie_header = format!("duet_session={cookie}");
+    let mut ws = admin_ws(&app, &[("Cookie", &cookie_header)]).await.expect("cookie upgrade");
+    ws.wait_for("a dashboard listing alice", |d| {
+        d["type"] == "dashboard" && d["agents"].as_array().is_some_and(|a| a.iter().any(|a| a["id"] == "alice"))
+    })
+    .await;
+    assert_eq!(ws.request(json!({"type":"available"})).await["type"], "ack");
+    drop(ws);
+    admin_ws(&app, &[("Authorization", &bearer)]).await.expect("bearer upgrade");
+    assert_eq!(admin_ws(&app, &[]).await.err(), Some(401), "no session, no upgrade");
+    assert_eq!(admin_ws(&app, &[("Authorization", "Bearer nope")]).await.err(), Some(401));
+
+    // Logout with the bearer revokes it everywhere.
+    let r = app.http.post(format!("{}/admin/logout", app.base)).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    let (status, body) = queues_status(&app, &[("authorization", &bearer)]).await;
+    assert_eq!(status, 401, "{body}");
+    assert_error(&body, "unauthorized");
+    assert_eq!(queues_status(&app, &[("cookie", &cookie_header)]).await.0, 401, "the same session by cookie");
+    assert_eq!(admin_ws(&app, &[("Authorization", &bearer)]).await.err(), Some(401));
+    assert_eq!(admin_ws(&app, &[("Cookie", &cookie_header)]).await.err(), Some(401));
+    let r = app.http.post(format!("{}/admin/logout", app.base)).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(r.status(), 401, "a revoked token cannot log out again");
+
+    // A second login, logged out by its cookie alone.
+    let code = request_code(&app, "alice").await;
+    let r = post(&app, "/admin/otp/verify", &json!({"admin_id":"alice","code":code})).await;
+    assert_eq!(r.status(), 200);
+    let (cookie, _) = session_cookie(r.headers());
+    let cookie_header = format!("duet_session={cookie}");
+    assert_eq!(queues_status(&app, &[("cookie", &cookie_header)]).await.0, 200);
+    let r = app.http.post(format!("{}/admin/logout", app.base)).header("cookie", &cookie_header).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    let cleared = r.headers().get_all("set-cookie").iter().filter_map(|v| v.to_str().ok()).any(|c| c.starts_with("duet_session="));
+    assert!(cleared, "logout clears the cookie");
+    assert_eq!(queues_status(&app, &[("cookie", &cookie_header)]).await.0, 401);
+    assert_eq!(admin_ws(&app, &[("Cookie", &cookie_header)]).await.err(), Some(401));
+    let by_bearer = format!("Bearer {cookie}");
+    assert_eq!(queues_status(&app, &[("authorization", &by_bearer)]).await.0, 401);
+}
+
+#[tokio::test]
+async fn five_wrong_codes_lock_the_admin_even_for_the_right_code() {
+    let app = TestApp::spawn().await;
+    add_admin(&app, "bob");
+    let code = request_code(&app, "bob").await;
+    for i in 0..5 {
+        let (status, retry, body) = verify(&app, "bob", &wrong(&code, i)).await;
+        if i < 4 {
+            assert_eq!(status, 401, "wrong code {i}: {body}");
+            assert_error(&body, "unauthorized");
+        } else {
+            assert!(status == 401 || status == 429, "wrong code {i}: {status} {body}");
+            if status == 429 {
+                assert!(retry.is_some());
+            }
+        }
+    }
+    let (status, retry, body) = verify(&app, "bob", &code).await;
+    assert_eq!(status, 429, "locked: even the right code is refused: {body}");
+    assert_error(&body, "rate_limited");
+    let retry: u64 = retry.expect("Retry-After").parse().expect("Retry-After in seconds");
+    assert!(retry >= 14 * 60, "locked for at least 15 minutes, Retry-After {retry}");
+    // A fresh code does not unlock it either.
+    let fresh = request_code(&app, "bob").await;
+    let (status, _, body) = verify(&app, "bob", &fresh).await;
+    assert_eq!(status, 429, "{body}");
+    // Another admin is not affected.
+    add_admin(&app, "carol");
+    let code = request_code(&app, "carol").await;
+    assert_eq!(verify(&app, "carol", &code).await.0, 200);
+}
+
+#[tokio::test]
+async fn unknown_admins_are_answered_like_known_ones() {
+    let app = TestApp::spawn().await;
+    add_admin(&app, "dave");
+    let known = answer(post(&app, "/admin/otp/request", &json!({"admin_id":"dave"})).await).await;
+    let unknown = answer(post(&app, "/admin/otp/request", &json!({"admin_id":"nobody"})).await).await;
+    assert_eq!(known.0, 202);
+    assert_eq!((unknown.0, &unknown.2), (known.0, &known.2), "request: the same answer");
+    let code = eventually("dave's code", || {
+        let app = &app;
+        async move { logged_codes(app, "dave").pop() }
+    })
+    .await;
+    assert!(logged_codes(&app, "nobody").is_empty(), "no code for an unknown id");
+
+    let w = wrong(&code, 3);
+    let known = verify(&app, "dave", &w).await;
+    let unknown = verify(&app, "nobody", &w).await;
+    assert_eq!(known.0, 401, "{:?}", known.2);
+    assert_eq!((unknown.0, &unknown.2), (known.0, &known.2), "wrong code: the same answer");
+    for bad in [json!("12ab"), json!(""), json!(12345678), json!(null)] {
+        let k = answer(post(&app, "/admin/otp/verify", &json!({"admin_id":"dave","code":bad})).await).await;
+        let u = answer(post(&app, "/admin/otp/verify", &json!({"admin_id":"nobody","code":bad})).await).await;
+        assert_eq!(k.0, 400, "malformed code {bad}: {:?}", k.2);
+        assert_error(&k.2, "bad_request");
+        assert_eq!((u.0, &u.2), (k.0, &k.2), "malformed code {bad}: the same answer");
+    }
+    let k = answer(post(&app, "/admin/otp/verify", &json!({"admin_id":"dave"})).await).await;
+    let u = answer(post(&app, "/admin/otp/verify", &json!({"admin_id":"nobody"})).await).await;
+    assert_eq!(k.0, 400, "missing code: {:?}", k.2);
+    assert_error(&k.2, "bad_request");
+    // (The message may point at a column, which moves with the id's length.)
+    assert_eq!((u.0, &u.2["error"]["code"]), (k.0, &k.2["error"]["code"]));
+    // Lockout applies the same way: four more wrong codes each.
+    for i in 0..4 {
+        let known = verify(&app, "dave", &wrong(&code, 4 + i)).await;
+        let unknown = verify(&app, "nobody", &wrong(&code, 4 + i)).await;
+        assert_eq!((known.0, &known.2), (unknown.0, &unknown.2), "wrong code {i}");
+    }
+    let known = verify(&app, "dave", &code).await;
+    let unknown = verify(&app, "nobody", &code).await;
+    assert_eq!(known.0, 429, "{:?}", known.2);
+    assert_error(&known.2, "rate_limited");
+    // (`retry_after_ms` counts down between the two calls.)
+    let outline = |a: &(u16, Option<String>, Value)| (a.0, a.1.is_some(), a.2["error"]["code"].clone(), a.2["error"]["message"].clone());
+    assert_eq!(outline(&unknown), outline(&known), "locked alike");
+}
+
+#[tokio::test]
+async fn request_bodies_json_errors_and_limits() {
+    let app = TestApp::spawn().await;
+    // Over 64 KiB: 413 with the JSON error shape.
+    let big = json!({"admin_id":"x","pad":"a".repeat(70 * 1024)}).to_string();
+    let (status, _, body) = answer(post_raw(&app, "/admin/otp/request", big, &[]).await).await;
+    assert_eq!(status, 413, "{body}");
+    assert_error(&body, "too_large");
+    // Just under the limit is not refused for its size.
+    let fits = json!({"admin_id":"x","pad":"a".repeat(60 * 1024)}).to_string();
+    let (status, _, body) = answer(post_raw(&app, "/admin/otp/request", fits, &[]).await).await;
+    assert_eq!(status, 202, "{body}");
+    // Malformed JSON, and JSON of the wrong shape: 400.
+    for bad in ["{not json", "[1,2]", "\"x\"", ""] {
+        for path in ["/admin/otp/request", "/admin/otp/verify"] {
+            let (status, _, body) = answer(post_raw(&app, path, bad.to_owned(), &[]).await).await;
+            assert_eq!(status, 400, "{path} {bad:?}: {body}");
+            assert_error(&body, "bad_request");
+        }
+    }
+    // Unknown route: JSON 404.
+    let (status, _, body) = answer(app.get("/no/such/route", None).await).await;
+    assert_eq!(status, 404);
+    assert_error(&body, "not_found");
+    // Ready, with the database named.
+    let (status, _, body) = answer(app.get("/ready", None).await).await;
+    assert_eq!((status, body["db"].as_str()), (200, Some("ok")), "{body}");
+}
+
+#[tokio::test]
+async fn api_queues_needs_an_admin() {
+    let app = TestApp::spawn().await;
+    let customer = join(&app, "Bob", "support").await;
+    for headers in [
+        vec![],
+        vec![("authorization", "Bearer nope".to_owned())],
+        vec![("authorization", format!("Bearer {}", customer.resume_token))],
+        vec![("cookie", "duet_session=nope".to_owned())],
+    ] {
+        let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (status, body) = queues_status(&app, &h).await;
+        assert_eq!(status, 401, "{headers:?}: {body}");
+        assert_error(&body, "unauthorized");
+        assert!(body.get("queues").is_none());
+    }
+    let token = app.admin_token("root");
+    let (status, dash) = queues_status(&app, &[("authorization", &format!("Bearer {token}"))]).await;
+    assert_eq!(status, 200, "{dash}");
+    assert_eq!(dash["queues"][0]["waiting"][0]["session_id"], customer.session_id.as_str(), "{dash}");
+}
+
+#[tokio::test]
+async fn metrics_are_open_without_a_token() {
+    let app = TestApp::spawn().await;
+    let r = app.get("/metrics", None).await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("# TYPE") || text.contains("# HELP"), "Prometheus text: {text:.200}");
+}
+
+#[tokio::test]
+async fn metrics_token_is_required_when_set() {
+    let app = TestApp::spawn_with(Options { env: vec![("DUET_METRICS_TOKEN", "s3cret-metrics".to_owned())], ..Options::default() }).await;
+    for token in [None, Some("wrong"), Some("s3cret-metric"), Some("s3cret-metrics-and-more")] {
+        let (status, _, body) = answer(app.get("/metrics", token).await).await;
+        assert_eq!(status, 401, "{token:?}: {body}");
+        assert_error(&body, "unauthorized");
+    }
+    // An admin session is not the metrics token.
+    let admin = app.admin_token("root");
+    assert_eq!(app.get("/metrics", Some(&admin)).await.status(), 401);
+    let r = app.get("/metrics", Some("s3cret-metrics")).await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("# TYPE") || text.contains("# HELP"), "{text:.200}");
+}
+
+#[tokio::test]
+async fn security_headers_on_pages() {
+    let app = TestApp::spawn().await;
+    for path in ["/", "/admin"] {
+        let r = app.get(path, None).await;
+        assert_eq!(r.status(), 200, "{path}");
+        let h = r.headers();
+        let csp = h.get("content-security-policy").and_then(|v| v.to_str().ok()).unwrap_or_else(|| panic!("{path}: no CSP"));
+        assert!(!csp.contains("unsafe-inline"), "{path}: {csp}");
+        assert!(!csp.contains("unsafe-eval"), "{path}: {csp}");
+        assert!(csp.contains("default-src") || csp.contains("script-src"), "{path}: {csp}");
+        assert_eq!(h.get("x-content-type-options").and_then(|v| v.to_str().ok()), Some("nosniff"), "{path}");
+        let ct = h.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+        assert!(ct.starts_with("text/html"), "{path}: {ct}");
+        let html = r.text().await.unwrap();
+        assert!(!html.contains("<script>") && !html.contains("onclick="), "{path}: no inline script");
+    }
+}
