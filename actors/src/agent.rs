@@ -217,10 +217,7 @@ impl Handler<FromAgentConn> for AgentActor {
                     session.do_send(FromAgent { agent_id: self.info.id.clone(), conn, cmd });
                 }
                 _ => {
-                    let client_ref = match cmd {
-                        AgentCmd::Say { client_ref, .. } | AgentCmd::Rtc { client_ref, .. } | AgentCmd::End { client_ref } => client_ref,
-                        AgentCmd::Typing { .. } => None,
-                    };
+                    let client_ref = cmd.client_ref();
                     if client_ref.is_some() {
                         self.reply(&conn, client_ref, Err(ActorError::Forbidden("you do not serve this session")));
                     }

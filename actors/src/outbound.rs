@@ -54,6 +54,11 @@ pub enum Outbound {
     Detached {
         session_id: SessionId,
     },
+    /// A resume of this session was refused; the connection keeps whatever
+    /// session it had.
+    ResumeRefused {
+        session_id: SessionId,
+    },
     /// Close the socket with this code and reason.
     Close {
         code: u16,

@@ -114,10 +114,12 @@ pub enum TakeOutcome {
 /// FIFO queues per topic. Every operation is atomic: two takers never both
 /// get the same entry, whichever node they are on.
 pub trait QueueStore: Send + Sync + 'static {
-    /// Appends at the tail; answers the entry's 1-based position.
-    fn push_back(&self, entry: QueueEntry) -> PortFuture<usize>;
-    /// Puts an entry back at the head (its agent was lost).
-    fn push_front(&self, entry: QueueEntry) -> PortFuture<()>;
+    /// Appends at the tail; answers the entry's 1-based position and the
+    /// queue's length after it.
+    fn push_back(&self, entry: QueueEntry) -> PortFuture<(usize, usize)>;
+    /// Puts an entry back at the head (its agent was lost); answers the
+    /// queue's length after it.
+    fn push_front(&self, entry: QueueEntry) -> PortFuture<usize>;
     fn take_next(&self, topic: &str) -> PortFuture<Option<QueueEntry>>;
     fn take(&self, topic: &str, session_id: &SessionId) -> PortFuture<TakeOutcome>;
     /// Removes an entry; answers whether it was there.

@@ -30,23 +30,23 @@ fn done<T: Send + 'static>(v: T) -> PortFuture<T> {
 }
 
 impl QueueStore for MemoryQueue {
-    fn push_back(&self, entry: QueueEntry) -> PortFuture<usize> {
+    fn push_back(&self, entry: QueueEntry) -> PortFuture<(usize, usize)> {
         let mut topics = self.topics.lock();
         let q = topics.entry(entry.topic.clone()).or_default();
         // Idempotent: a session already waiting keeps its place.
         if let Some(i) = q.iter().position(|e| e.session_id == entry.session_id) {
-            return done(i + 1);
+            return done((i + 1, q.len()));
         }
         q.push_back(entry);
-        done(q.len())
+        done((q.len(), q.len()))
     }
 
-    fn push_front(&self, entry: QueueEntry) -> PortFuture<()> {
+    fn push_front(&self, entry: QueueEntry) -> PortFuture<usize> {
         let mut topics = self.topics.lock();
         let q = topics.entry(entry.topic.clone()).or_default();
         q.retain(|e| e.session_id != entry.session_id);
         q.push_front(entry);
-        done(())
+        done(q.len())
     }
 
     fn take_next(&self, topic: &str) -> PortFuture<Option<QueueEntry>> {
@@ -117,12 +117,12 @@ mod tests {
     #[test]
     fn fifo_with_head_reinsert() {
         let q = MemoryQueue::new();
-        assert_eq!(block(q.push_back(entry("a"))), 1);
-        assert_eq!(block(q.push_back(entry("b"))), 2);
-        assert_eq!(block(q.push_back(entry("a"))), 1, "re-join keeps the place");
+        assert_eq!(block(q.push_back(entry("a"))), (1, 1));
+        assert_eq!(block(q.push_back(entry("b"))), (2, 2));
+        assert_eq!(block(q.push_back(entry("a"))), (1, 2), "re-join keeps the place");
         let a = block(q.take_next("support")).expect("a waits");
         assert_eq!(&*a.session_id, "a");
-        block(q.push_front(a));
+        assert_eq!(block(q.push_front(a)), 2);
         assert_eq!(&*block(q.take_next("support")).expect("a again").session_id, "a");
         assert_eq!(&*block(q.take_next("support")).expect("b").session_id, "b");
         assert!(block(q.take_next("support")).is_none());

@@ -107,6 +107,9 @@ pub struct SessionActor {
     customer_timer: Option<SpawnHandle>,
     agent_timer: Option<SpawnHandle>,
     last_queue: Option<(usize, usize, u64)>,
+    /// The customer's connection refused a frame (closed or too slow); the
+    /// grace period starts once the current batch is delivered.
+    customer_lost: bool,
     /// Set by a handler that changes the phase just before it appends the
     /// event that records the change.
     phase_before: Option<Phase>,
@@ -183,6 +186,7 @@ impl SessionActor {
             agent_timer: None,
             last_queue: None,
             phase_before: None,
+            customer_lost: false,
             stats: None,
             span,
         }
@@ -301,10 +305,27 @@ impl SessionActor {
                 for p in batch {
                     self.last_committed = p.event.seq;
                     self.deliver(&p.event);
-                    for r in p.replies {
-                        self.answer(r, Ok(p.event.seq));
+                    match p.after {
+                        // `queue` comes right after `session`, before the ack.
+                        AfterCommit::EnterQueue | AfterCommit::ReturnToQueueHead => {
+                            self.enter_queue(p.after == AfterCommit::ReturnToQueueHead, p.replies, p.event.seq, ctx);
+                        }
+                        AfterCommit::Finish => {
+                            for r in p.replies {
+                                self.answer(r, Ok(p.event.seq));
+                            }
+                            self.finish(ctx);
+                        }
+                        AfterCommit::Nothing => {
+                            for r in p.replies {
+                                self.answer(r, Ok(p.event.seq));
+                            }
+                        }
                     }
-                    self.after_commit(p.after, ctx);
+                }
+                if self.customer_lost {
+                    self.customer_lost = false;
+                    self.customer_gone(ctx);
                 }
                 self.flush(ctx);
             }
@@ -386,7 +407,8 @@ impl SessionActor {
         if to_customer {
             if let Some(c) = &self.customer {
                 if !c.push(Outbound::Event(event.clone())) {
-                    self.customer = None;
+                    // Too slow or gone: it resumes, or its grace runs out.
+                    self.customer_lost = true;
                 }
             }
         }
@@ -404,36 +426,39 @@ impl SessionActor {
         }
     }
 
-    fn after_commit(&mut self, after: AfterCommit, ctx: &mut Context<Self>) {
-        match after {
-            AfterCommit::Nothing => {}
-            AfterCommit::EnterQueue | AfterCommit::ReturnToQueueHead => {
-                let Phase::Waiting { queued_at_ms } = self.phase else { return };
-                let entry = self.queue_entry(queued_at_ms);
-                let queue = self.deps.queue.clone();
-                let head = after == AfterCommit::ReturnToQueueHead;
-                let fut = async move {
-                    if head {
-                        queue.push_front(entry).await.map(|()| 1)
-                    } else {
-                        queue.push_back(entry).await
-                    }
-                };
-                // `wait`: the first `queue` frame goes out before anything
-                // that happens to the session next.
-                ctx.wait(fut.into_actor(self).map(|res, act, _ctx| match res {
-                    Ok(position) => {
-                        act.deps.registry.do_send(TopicChanged { topic: act.record.topic.clone() });
-                        act.push_queue(position, position.max(1), None);
-                    }
-                    Err(e) => warn!(error = %e, "could not enter the queue"),
-                }));
-                self.report(ctx);
+    /// Puts the customer into its topic's queue (at the head when its agent
+    /// was lost), sends the first `queue`, then the replies.
+    fn enter_queue(&mut self, head: bool, replies: Vec<Reply>, seq: Seq, ctx: &mut Context<Self>) {
+        let Phase::Waiting { queued_at_ms } = self.phase else {
+            for r in replies {
+                self.answer(r, Ok(seq));
             }
-            AfterCommit::Finish => {
-                self.finish(ctx);
+            return;
+        };
+        let entry = self.queue_entry(queued_at_ms);
+        let queue = self.deps.queue.clone();
+        let fut = async move {
+            if head {
+                queue.push_front(entry).await.map(|waiting| (1, waiting))
+            } else {
+                queue.push_back(entry).await
             }
-        }
+        };
+        // `wait`: the first `queue` frame goes out before anything that
+        // happens to the session next.
+        ctx.wait(fut.into_actor(self).map(move |res, act, _ctx| {
+            match res {
+                Ok((position, waiting)) => {
+                    act.deps.registry.do_send(TopicChanged { topic: act.record.topic.clone() });
+                    act.push_queue(position, waiting, None);
+                }
+                Err(e) => warn!(error = %e, "could not enter the queue"),
+            }
+            for r in replies {
+                act.answer(r, Ok(seq));
+            }
+        }));
+        self.report(ctx);
     }
 
     fn push_queue(&mut self, position: usize, waiting: usize, eta_s: Option<u64>) {
@@ -557,6 +582,13 @@ impl SessionActor {
         );
     }
 
+    /// Ephemeral frames are not stored: their ack carries no seq.
+    fn ack_ephemeral(&self, conn: &ConnHandle, client_ref: Option<ClientRef>) {
+        if let Some(client_ref) = client_ref {
+            conn.push(Outbound::Ack { client_ref, seq: None, session_id: None });
+        }
+    }
+
     fn msg_id(&self, seq: Seq) -> Arc<str> {
         Arc::from(format!("{}-{}", self.record.id, seq))
     }
@@ -640,10 +672,33 @@ impl Actor for SessionActor {
 #[derive(Debug)]
 pub enum CustomerCmd {
     Say { text: Arc<str>, client_ref: Option<ClientRef> },
-    Typing { on: bool },
+    Typing { on: bool, client_ref: Option<ClientRef> },
     Rtc { kind: RtcKind, data: OpaqueJson, client_ref: Option<ClientRef> },
-    Stats(CallStats),
+    Stats { stats: CallStats, client_ref: Option<ClientRef> },
     Leave { client_ref: Option<ClientRef> },
+}
+
+impl CustomerCmd {
+    pub fn client_ref(&self) -> Option<ClientRef> {
+        match self {
+            CustomerCmd::Say { client_ref, .. }
+            | CustomerCmd::Rtc { client_ref, .. }
+            | CustomerCmd::Leave { client_ref }
+            | CustomerCmd::Typing { client_ref, .. }
+            | CustomerCmd::Stats { client_ref, .. } => client_ref.clone(),
+        }
+    }
+}
+
+impl AgentCmd {
+    pub fn client_ref(&self) -> Option<ClientRef> {
+        match self {
+            AgentCmd::Say { client_ref, .. }
+            | AgentCmd::Rtc { client_ref, .. }
+            | AgentCmd::End { client_ref }
+            | AgentCmd::Typing { client_ref, .. } => client_ref.clone(),
+        }
+    }
 }
 
 #[derive(Message)]
@@ -673,22 +728,14 @@ impl Handler<FromCustomer> for SessionActor {
         let _g = self.span.clone().entered();
         let FromCustomer { conn, cmd } = msg;
         if !self.customer.as_ref().is_some_and(|c| c.same(&conn)) {
-            let r = match cmd {
-                CustomerCmd::Say { client_ref, .. } | CustomerCmd::Rtc { client_ref, .. } | CustomerCmd::Leave { client_ref } => client_ref,
-                _ => None,
-            };
-            if r.is_some() {
-                refuse(&conn, r, ActorError::NotFound("this connection is not attached to the session"));
+            if let Some(r) = cmd.client_ref() {
+                refuse(&conn, Some(r), ActorError::NotFound("this connection is not attached to the session"));
             }
             return;
         }
         if self.phase == Phase::Ended {
-            let r = match cmd {
-                CustomerCmd::Say { client_ref, .. } | CustomerCmd::Rtc { client_ref, .. } | CustomerCmd::Leave { client_ref } => client_ref,
-                _ => None,
-            };
-            if r.is_some() {
-                refuse(&conn, r, ActorError::NotFound("the session has ended"));
+            if let Some(r) = cmd.client_ref() {
+                refuse(&conn, Some(r), ActorError::NotFound("the session has ended"));
             }
             return;
         }
@@ -708,17 +755,19 @@ impl Handler<FromCustomer> for SessionActor {
                 let replies = ack_reply(&conn, client_ref);
                 self.append(EventBody::Rtc { kind, data, from: Party::Customer }, key, None, replies, AfterCommit::Nothing, ctx);
             }
-            CustomerCmd::Typing { on } => {
+            CustomerCmd::Typing { on, client_ref } => {
                 if let Some(c) = self.agent.as_ref().and_then(|l| l.conn.as_ref()) {
                     c.push(Outbound::Typing { session_id: self.record.id.clone(), from: Party::Customer, on });
                 }
+                self.ack_ephemeral(&conn, client_ref);
             }
-            CustomerCmd::Stats(stats) => {
+            CustomerCmd::Stats { stats, client_ref } => {
                 self.stats = Some(stats);
                 if let Some(c) = self.agent.as_ref().and_then(|l| l.conn.as_ref()) {
                     c.push(Outbound::Stats { session_id: self.record.id.clone(), stats });
                 }
                 self.report(ctx);
+                self.ack_ephemeral(&conn, client_ref);
             }
             CustomerCmd::Leave { client_ref } => {
                 let replies = ack_reply(&conn, client_ref);
@@ -743,12 +792,16 @@ impl Handler<AttachCustomer> for SessionActor {
 
     fn handle(&mut self, msg: AttachCustomer, ctx: &mut Context<Self>) {
         let _g = self.span.clone().entered();
-        if !secret_matches(&msg.resume_token, &self.record.resume_token_hash) {
-            refuse(&msg.conn, msg.client_ref, ActorError::Unauthorized("wrong resume token"));
-            return;
-        }
-        if self.phase == Phase::Ended {
-            refuse(&msg.conn, msg.client_ref, ActorError::NotFound("the session has ended"));
+        let refusal = if !secret_matches(&msg.resume_token, &self.record.resume_token_hash) {
+            Some(ActorError::Unauthorized("wrong resume token"))
+        } else if self.phase == Phase::Ended {
+            Some(ActorError::NotFound("the session has ended"))
+        } else {
+            None
+        };
+        if let Some(e) = refusal {
+            refuse(&msg.conn, msg.client_ref, e);
+            msg.conn.push(Outbound::ResumeRefused { session_id: self.record.id.clone() });
             return;
         }
         if let Some(old) = self.customer.take() {
@@ -860,7 +913,7 @@ impl Handler<Assign> for SessionActor {
 #[derive(Debug)]
 pub enum AgentCmd {
     Say { text: Arc<str>, client_ref: Option<ClientRef> },
-    Typing { on: bool },
+    Typing { on: bool, client_ref: Option<ClientRef> },
     Rtc { kind: RtcKind, data: OpaqueJson, client_ref: Option<ClientRef> },
     End { client_ref: Option<ClientRef> },
 }
@@ -880,8 +933,10 @@ impl Handler<FromAgent> for SessionActor {
         let _g = self.span.clone().entered();
         let FromAgent { agent_id, conn, cmd } = msg;
         let client_ref = match &cmd {
-            AgentCmd::Say { client_ref, .. } | AgentCmd::Rtc { client_ref, .. } | AgentCmd::End { client_ref } => client_ref.clone(),
-            AgentCmd::Typing { .. } => None,
+            AgentCmd::Say { client_ref, .. }
+            | AgentCmd::Rtc { client_ref, .. }
+            | AgentCmd::End { client_ref }
+            | AgentCmd::Typing { client_ref, .. } => client_ref.clone(),
         };
         let serves = matches!(&self.phase, Phase::Active { agent } if agent.id == agent_id);
         if !serves {
@@ -908,10 +963,11 @@ impl Handler<FromAgent> for SessionActor {
                 let replies = ack_reply(&conn, client_ref);
                 self.append(EventBody::Rtc { kind, data, from: Party::Agent }, key, None, replies, AfterCommit::Nothing, ctx);
             }
-            AgentCmd::Typing { on } => {
+            AgentCmd::Typing { on, client_ref } => {
                 if let Some(c) = &self.customer {
                     c.push(Outbound::Typing { session_id: self.record.id.clone(), from: Party::Agent, on });
                 }
+                self.ack_ephemeral(&conn, client_ref);
             }
             AgentCmd::End { client_ref } => {
                 let replies = ack_reply(&conn, client_ref);

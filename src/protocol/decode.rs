@@ -27,7 +27,7 @@ pub struct DecodeError {
 #[derive(Deserialize)]
 struct Incoming<'a> {
     #[serde(rename = "type", borrow)]
-    kind: Option<Cow<'a, str>>,
+    kind: Option<&'a RawValue>,
     #[serde(rename = "ref", borrow)]
     client_ref: Option<&'a RawValue>,
     #[serde(borrow)]
@@ -210,7 +210,7 @@ struct KindOnly<'a> {
 
 fn parse(text: &str) -> Result<(Frame<'_>, Option<&RawValue>), DecodeError> {
     let inc: Incoming<'_> = serde_json::from_str(text).map_err(|e| DecodeError {
-        client_ref: None,
+        client_ref: ref_only(text),
         message: if text.trim_start().starts_with('{') {
             format!("malformed message: {e}")
         } else {
@@ -221,7 +221,7 @@ fn parse(text: &str) -> Result<(Frame<'_>, Option<&RawValue>), DecodeError> {
         None => None,
         Some(raw) => canonical_ref(raw).map_err(|message| DecodeError { client_ref: None, message })?,
     };
-    let kind = if inc.kind.as_deref() == Some("rtc") {
+    let kind = if inc.kind.map(RawValue::get) == Some("\"rtc\"") {
         serde_json::from_str::<KindOnly<'_>>(text).ok().and_then(|k| k.kind)
     } else {
         None
@@ -229,8 +229,8 @@ fn parse(text: &str) -> Result<(Frame<'_>, Option<&RawValue>), DecodeError> {
     Ok((Frame { inc, client_ref }, kind))
 }
 
-fn frame_type<'f>(f: &'f Frame<'_>) -> Result<&'f str, DecodeError> {
-    f.inc.kind.as_deref().ok_or_else(|| f.fail("missing field `type`"))
+fn frame_type<'a>(f: &Frame<'a>) -> Result<Cow<'a, str>, DecodeError> {
+    f.string("type", f.inc.kind)
 }
 
 fn rtc_of(f: &Frame<'_>, kind: Option<&RawValue>) -> Result<(RtcKind, OpaqueJson), DecodeError> {
@@ -247,7 +247,7 @@ fn rtc_of(f: &Frame<'_>, kind: Option<&RawValue>) -> Result<(RtcKind, OpaqueJson
 pub fn customer_frame(text: &str) -> Result<CustomerFrame, DecodeError> {
     let (f, rtc_kind) = parse(text)?;
     let r = f.client_ref.clone();
-    Ok(match frame_type(&f)? {
+    Ok(match frame_type(&f)?.as_ref() {
         "join" => {
             let name = f.text("name", f.inc.name, 1, NAME_MAX)?;
             let topic = f.topic()?;
@@ -268,12 +268,12 @@ pub fn customer_frame(text: &str) -> Result<CustomerFrame, DecodeError> {
             client_ref: r,
         },
         "say" => CustomerFrame::InSession(CustomerCmd::Say { text: f.text("text", f.inc.text, 1, TEXT_MAX)?, client_ref: r }),
-        "typing" => CustomerFrame::InSession(CustomerCmd::Typing { on: f.bool("on", f.inc.on)? }),
+        "typing" => CustomerFrame::InSession(CustomerCmd::Typing { on: f.bool("on", f.inc.on)?, client_ref: r }),
         "rtc" => {
             let (kind, data) = rtc_of(&f, rtc_kind)?;
             CustomerFrame::InSession(CustomerCmd::Rtc { kind, data, client_ref: r })
         }
-        "stats" => CustomerFrame::InSession(CustomerCmd::Stats(f.stats()?)),
+        "stats" => CustomerFrame::InSession(CustomerCmd::Stats { stats: f.stats()?, client_ref: r }),
         "leave" => CustomerFrame::InSession(CustomerCmd::Leave { client_ref: r }),
         "ping" => CustomerFrame::Ping { client_ref: r },
         other => return Err(f.fail(format!("unknown message type `{}`", truncate(other)))),
@@ -287,7 +287,7 @@ pub fn agent_frame(text: &str) -> Result<AgentFrame, DecodeError> {
     let in_session = |cmd: AgentCmd| -> Result<AgentFrame, DecodeError> {
         Ok(AgentFrame::Request(AgentRequest::InSession { session_id: f.session_id()?, cmd }))
     };
-    match frame_type(&f)? {
+    match frame_type(&f)?.as_ref() {
         "available" => Ok(AgentFrame::Request(AgentRequest::Available { client_ref: r })),
         "away" => Ok(AgentFrame::Request(AgentRequest::Away { client_ref: r })),
         "take" => {
@@ -299,7 +299,7 @@ pub fn agent_frame(text: &str) -> Result<AgentFrame, DecodeError> {
             Ok(AgentFrame::Request(AgentRequest::Take { target, client_ref: r }))
         }
         "say" => in_session(AgentCmd::Say { text: f.text("text", f.inc.text, 1, TEXT_MAX)?, client_ref: r }),
-        "typing" => in_session(AgentCmd::Typing { on: f.bool("on", f.inc.on)? }),
+        "typing" => in_session(AgentCmd::Typing { on: f.bool("on", f.inc.on)?, client_ref: r }),
         "rtc" => {
             let (kind, data) = rtc_of(&f, rtc_kind)?;
             in_session(AgentCmd::Rtc { kind, data, client_ref: r })

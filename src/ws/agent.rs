@@ -63,15 +63,11 @@ impl Role for AgentRole {
 }
 
 fn request_ref(req: &AgentRequest) -> Option<ClientRef> {
-    use duet_actors::session::AgentCmd;
     match req {
         AgentRequest::Available { client_ref }
         | AgentRequest::Away { client_ref }
         | AgentRequest::Take { client_ref, .. }
         | AgentRequest::Resume { client_ref, .. } => client_ref.clone(),
-        AgentRequest::InSession { cmd, .. } => match cmd {
-            AgentCmd::Say { client_ref, .. } | AgentCmd::Rtc { client_ref, .. } | AgentCmd::End { client_ref } => client_ref.clone(),
-            AgentCmd::Typing { .. } => None,
-        },
+        AgentRequest::InSession { cmd, .. } => cmd.client_ref(),
     }
 }

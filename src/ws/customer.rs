@@ -26,6 +26,9 @@ pub struct CustomerRole {
     pub handle: ConnHandle,
     pub ip: std::net::IpAddr,
     session: Option<(SessionId, Addr<SessionActor>)>,
+    /// A resume sent to a session that has not accepted it yet; the socket
+    /// keeps its current session until it does.
+    resuming: Option<(SessionId, Addr<SessionActor>)>,
     /// Send instants of refs in flight, for the relay latency histogram.
     sent: VecDeque<(ClientRef, Instant)>,
 }
@@ -34,7 +37,7 @@ const SENT_TRACKED: usize = 256;
 
 impl CustomerRole {
     pub fn new(app: Arc<AppState>, handle: ConnHandle, ip: std::net::IpAddr) -> CustomerRole {
-        CustomerRole { app, handle, ip, session: None, sent: VecDeque::new() }
+        CustomerRole { app, handle, ip, session: None, resuming: None, sent: VecDeque::new() }
     }
 
     fn err(out: &mut Vec<String>, r: Option<&ClientRef>, e: ActorError) {
@@ -89,20 +92,12 @@ impl CustomerRole {
                 })
             }
         };
-        if let Some((old, old_addr)) = self.session.take() {
-            if old != session_id {
-                old_addr.do_send(CustomerDetached { conn_id: self.handle.conn_id });
-            }
-        }
         addr.do_send(AttachCustomer { conn: self.handle.clone(), resume_token, last_seq, client_ref });
-        self.session = Some((session_id, addr));
+        self.resuming = Some((session_id, addr));
     }
 
     fn in_session(&mut self, cmd: CustomerCmd, out: &mut Vec<String>) {
-        let r = match &cmd {
-            CustomerCmd::Say { client_ref, .. } | CustomerCmd::Rtc { client_ref, .. } | CustomerCmd::Leave { client_ref } => client_ref.clone(),
-            CustomerCmd::Typing { .. } | CustomerCmd::Stats(_) => None,
-        };
+        let r = cmd.client_ref();
         match &self.session {
             Some((_, addr)) if addr.connected() => {
                 if let (CustomerCmd::Say { .. }, Some(r)) = (&cmd, &r) {
@@ -151,6 +146,19 @@ impl Role for CustomerRole {
         match frame {
             Outbound::Detached { session_id } if self.session.as_ref().is_some_and(|(s, _)| s == session_id) => {
                 self.session = None;
+            }
+            Outbound::Resumed { session_id } => {
+                if let Some((id, addr)) = self.resuming.take_if(|(s, _)| s == session_id) {
+                    if let Some((old, old_addr)) = self.session.take() {
+                        if old != id {
+                            old_addr.do_send(CustomerDetached { conn_id: self.handle.conn_id });
+                        }
+                    }
+                    self.session = Some((id, addr));
+                }
+            }
+            Outbound::ResumeRefused { session_id } => {
+                self.resuming.take_if(|(s, _)| s == session_id);
             }
             Outbound::Ack { client_ref, .. } => {
                 if let Some(i) = self.sent.iter().position(|(r, _)| r == client_ref) {

@@ -382,7 +382,6 @@ async fn join_on_the_socket_after_an_unknown_session_resume() {
 // `join` is covered in protocol_edges.rs.)
 
 #[tokio::test]
-#[ignore = "server bug: after a resume refused as `unauthorized` (wrong token), `join` on that socket is `conflict`"]
 async fn join_on_the_socket_after_a_wrong_token_resume() {
     let app = TestApp::spawn().await;
     let other = join(&app, "Cy", "support").await;
@@ -391,7 +390,6 @@ async fn join_on_the_socket_after_a_wrong_token_resume() {
 
 /// A refused resume changes nothing: the socket stays in its own session.
 #[tokio::test]
-#[ignore = "server bug: a resume of another session with a wrong token detaches the socket from its own live session"]
 async fn refused_resume_of_another_session_keeps_the_socket_in_its_own() {
     let app = TestApp::spawn().await;
     let Served { mut agent, cust, .. } = served(&app, "ann", "Bob").await;
@@ -554,7 +552,6 @@ async fn agent_lost_after_grace_puts_customer_back_at_the_head() {
 /// `queue.waiting` is the queue's length (PROTOCOL.md). A customer put back
 /// at the head while another waits must never be told that one waits.
 #[tokio::test]
-#[ignore = "server bug: the first `queue` after agent loss says waiting=1 (position.max(1)) whatever the queue length"]
 async fn agent_lost_queue_frame_counts_everyone_waiting() {
     let app = TestApp::spawn_with(grace(1)).await;
     let Served { agent: a0, cust, .. } = served(&app, "ann", "Bob").await;
