@@ -107,6 +107,11 @@ pub struct SessionActor {
     customer_timer: Option<SpawnHandle>,
     agent_timer: Option<SpawnHandle>,
     last_queue: Option<(usize, usize, u64)>,
+    /// A batch failed: until storage is read again, this actor does not know
+    /// whether that batch was stored (a connection lost during COMMIT), so
+    /// it numbers nothing new.
+    stale: bool,
+    resyncing: bool,
     /// The customer's connection refused a frame (closed or too slow); the
     /// grace period starts once the current batch is delivered.
     customer_lost: bool,
@@ -187,6 +192,8 @@ impl SessionActor {
             last_queue: None,
             phase_before: None,
             customer_lost: false,
+            stale: false,
+            resyncing: false,
             stats: None,
             span,
         }
@@ -242,6 +249,17 @@ impl SessionActor {
         after: AfterCommit,
         ctx: &mut Context<Self>,
     ) {
+        if self.stale {
+            if let Some(phase) = self.phase_before.take() {
+                self.revert_to(phase, ctx);
+            }
+            let err = ActorError::from(crate::error::StoreError::Unavailable { what: "database" });
+            for r in replies {
+                self.answer(r, Err(err.clone()));
+            }
+            self.resync(ctx);
+            return;
+        }
         if let Some(k) = &key {
             if let Some(&seq) = self.keys.get(k) {
                 if seq <= self.last_committed {
@@ -337,6 +355,7 @@ impl SessionActor {
                 if let Some(phase) = failed.iter().find_map(|p| p.revert.clone()) {
                     self.revert_to(phase, ctx);
                 }
+                self.stale = true;
                 for p in failed {
                     if let Some(k) = &p.key {
                         self.keys.remove(k);
@@ -352,8 +371,57 @@ impl SessionActor {
                         ctx.stop();
                     }
                 }
+                self.resync(ctx);
             }
         }
+    }
+
+    /// Reads the session back from storage after a failed batch: its last
+    /// seq and keys. If the failed batch was in fact stored (its answer was
+    /// lost), its events are delivered now; their refs are acked with the
+    /// stored seq when the client sends them again.
+    fn resync(&mut self, ctx: &mut Context<Self>) {
+        if self.resyncing || self.last_committed == 0 {
+            return;
+        }
+        self.resyncing = true;
+        let store = self.deps.store.clone();
+        let id = self.record.id.clone();
+        let known = self.last_committed;
+        let page = self.deps.settings.replay_page;
+        let fut = async move {
+            let snap = store.load_session(&id).await?;
+            let missed = match &snap {
+                Some(s) if s.last_seq > known => store.events_after(&id, known, page).await?,
+                _ => Vec::new(),
+            };
+            Ok::<_, crate::error::StoreError>((snap, missed))
+        };
+        ctx.wait(fut.into_actor(self).map(|res, act, _ctx| {
+            act.resyncing = false;
+            let _g = act.span.clone().entered();
+            match res {
+                Ok((Some(snap), missed)) => {
+                    if snap.last_seq > act.last_committed {
+                        warn!(stored = snap.last_seq, believed = act.last_committed, "a batch reported as failed was stored; catching up");
+                        for e in &missed {
+                            act.deliver(e);
+                        }
+                        act.phase = match snap.status {
+                            SessionStatus::Waiting { queued_at_ms } => Phase::Waiting { queued_at_ms },
+                            SessionStatus::Active { agent, .. } => Phase::Active { agent },
+                            SessionStatus::Ended { .. } => Phase::Ended,
+                        };
+                    }
+                    act.last_committed = snap.last_seq;
+                    act.last_allocated = snap.last_seq;
+                    act.keys = snap.client_keys.into_iter().collect();
+                    act.stale = false;
+                }
+                Ok((None, _)) => act.stale = false,
+                Err(_) => {} // Still down: the next append tries again.
+            }
+        }));
     }
 
     /// Undoes a phase change whose event could not be stored. A customer
