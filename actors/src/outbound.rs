@@ -11,7 +11,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, Notify};
+use std::collections::VecDeque;
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
 
 use crate::domain::{CallStats, ClientRef, Event, Party, SessionId, Seq};
 use crate::error::ActorError;
@@ -75,35 +78,96 @@ pub const CLOSE_SLOW_CONSUMER: u16 = 1013;
 #[derive(Clone, Debug)]
 pub struct ConnHandle {
     pub conn_id: u64,
-    tx: mpsc::Sender<Outbound>,
-    kill: Arc<Kill>,
+    shared: Arc<Shared>,
 }
 
-#[derive(Debug, Default)]
-struct Kill {
-    fired: AtomicBool,
-    notify: Notify,
+/// The queue between the actors and one socket. A `VecDeque` behind a
+/// mutex rather than a channel: it allocates nothing until the first frame
+/// and shrinks back after a burst, so ten thousand idle sockets cost
+/// almost nothing here (a channel preallocates a block of slots each).
+#[derive(Debug)]
+struct Shared {
+    frames: Mutex<VecDeque<Outbound>>,
+    capacity: usize,
+    /// Frames are waiting, or the connection was killed.
+    ready: Notify,
+    /// Room was made (for `push_wait`).
+    room: Notify,
+    /// The connection was killed (for the socket loop).
+    kill_notify: Notify,
+    killed: AtomicBool,
+    /// The socket's loop is gone; pushes are refused.
+    closed: AtomicBool,
+}
+
+/// Keep at most this many slots allocated once a burst has drained.
+const IDLE_SLOTS: usize = 8;
+
+impl Shared {
+    fn gone(&self) -> bool {
+        self.killed.load(Ordering::Acquire) || self.closed.load(Ordering::Acquire)
+    }
+
+    fn kill(&self) {
+        self.killed.store(true, Ordering::Release);
+        self.kill_notify.notify_waiters();
+        self.room.notify_waiters();
+    }
 }
 
 /// The connection's side of a [`ConnHandle`].
 pub struct ConnInbox {
-    pub rx: mpsc::Receiver<Outbound>,
+    shared: Arc<Shared>,
     pub kill: KillSignal,
+}
+
+impl ConnInbox {
+    /// The next frame, in the order they were pushed. Never resolves while
+    /// the queue is empty (the socket loop ends for other reasons).
+    pub async fn recv(&mut self) -> Option<Outbound> {
+        loop {
+            let notified = self.shared.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut q = self.shared.frames.lock();
+                if let Some(f) = q.pop_front() {
+                    if q.is_empty() && q.capacity() > IDLE_SLOTS {
+                        q.shrink_to(IDLE_SLOTS);
+                    }
+                    drop(q);
+                    self.shared.room.notify_one();
+                    return Some(f);
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for ConnInbox {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.room.notify_waiters();
+        self.shared.frames.lock().clear();
+    }
 }
 
 /// Fired when an actor decided the connection must go (slow consumer).
 #[derive(Clone, Debug)]
-pub struct KillSignal(Arc<Kill>);
+pub struct KillSignal(Arc<Shared>);
 
 impl KillSignal {
     pub fn is_killed(&self) -> bool {
-        self.0.fired.load(Ordering::Acquire)
+        self.0.killed.load(Ordering::Acquire)
     }
 
     /// Resolves once the signal fired.
     pub async fn killed(&self) {
         loop {
-            let notified = self.0.notify.notified();
+            let notified = self.0.kill_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             if self.is_killed() {
                 return;
             }
@@ -115,41 +179,66 @@ impl KillSignal {
 impl ConnHandle {
     /// A handle and its inbox with room for `capacity` frames.
     pub fn channel(conn_id: u64, capacity: usize) -> (ConnHandle, ConnInbox) {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
-        let kill = Arc::new(Kill::default());
-        (ConnHandle { conn_id, tx, kill: kill.clone() }, ConnInbox { rx, kill: KillSignal(kill) })
+        let shared = Arc::new(Shared {
+            frames: Mutex::new(VecDeque::new()),
+            capacity: capacity.max(1),
+            ready: Notify::new(),
+            room: Notify::new(),
+            kill_notify: Notify::new(),
+            killed: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        });
+        (
+            ConnHandle { conn_id, shared: shared.clone() },
+            ConnInbox { shared: shared.clone(), kill: KillSignal(shared) },
+        )
     }
 
     /// Queues a frame. Returns false when the connection is gone or was
     /// killed for being too slow (the frame is then not delivered; the client
     /// gets it by resuming).
     pub fn push(&self, frame: Outbound) -> bool {
-        if self.kill.fired.load(Ordering::Acquire) {
+        if self.shared.gone() {
             return false;
         }
-        match self.tx.try_send(frame) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(conn_id = self.conn_id, "client is not reading; closing it");
-                self.kill.fired.store(true, Ordering::Release);
-                self.kill.notify.notify_waiters();
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        let mut q = self.shared.frames.lock();
+        if q.len() >= self.shared.capacity {
+            drop(q);
+            tracing::warn!(conn_id = self.conn_id, "client is not reading; closing it");
+            self.shared.kill();
+            return false;
         }
+        q.push_back(frame);
+        drop(q);
+        self.shared.ready.notify_one();
+        true
     }
 
     /// Waits for room, then queues (used by replay, which may outrun the
-    /// channel's bound but must not drop anything).
+    /// bound but must not drop anything).
     pub async fn push_wait(&self, frame: Outbound) -> bool {
-        if self.kill.fired.load(Ordering::Acquire) {
-            return false;
+        loop {
+            let notified = self.shared.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.shared.gone() {
+                return false;
+            }
+            {
+                let mut q = self.shared.frames.lock();
+                if q.len() < self.shared.capacity {
+                    q.push_back(frame);
+                    drop(q);
+                    self.shared.ready.notify_one();
+                    return true;
+                }
+            }
+            notified.await;
         }
-        self.tx.send(frame).await.is_ok()
     }
 
     pub fn is_open(&self) -> bool {
-        !self.tx.is_closed() && !self.kill.fired.load(Ordering::Acquire)
+        !self.shared.gone()
     }
 
     pub fn same(&self, other: &ConnHandle) -> bool {
@@ -171,5 +260,28 @@ mod tests {
         inbox.kill.killed().await;
         assert!(!h.is_open());
         assert!(!h.push(pong()), "a killed connection takes nothing");
+    }
+
+    #[tokio::test]
+    async fn frames_arrive_in_order_and_replay_waits_for_room() {
+        let (h, mut inbox) = ConnHandle::channel(1, 2);
+        let frame = |code| Outbound::Close { code, reason: "x" };
+        let writer = tokio::spawn({
+            let h = h.clone();
+            async move {
+                for code in 0..100u16 {
+                    assert!(h.push_wait(frame(code)).await);
+                }
+            }
+        });
+        for code in 0..100u16 {
+            match inbox.recv().await {
+                Some(Outbound::Close { code: c, .. }) => assert_eq!(c, code),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        writer.await.expect("writer finished");
+        drop(inbox);
+        assert!(!h.push(frame(1)), "a closed connection takes nothing");
     }
 }

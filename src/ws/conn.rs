@@ -65,7 +65,8 @@ pub async fn run<R: Role>(mut session: Session, mut stream: AggregatedMessageStr
     let limiter = limits.rate_limits.then(frame_limiter);
     let mut flood = 0u32;
     let mut out: Vec<String> = Vec::new();
-    let ConnInbox { mut rx, kill } = inbox;
+    let mut inbox = inbox;
+    let kill = inbox.kill.clone();
     let close: Option<CloseReason> = loop {
         tokio::select! {
             biased;
@@ -74,7 +75,7 @@ pub async fn run<R: Role>(mut session: Session, mut stream: AggregatedMessageStr
                 metrics.slow_consumers.inc();
                 break Some(CloseReason { code: CloseCode::from(CLOSE_SLOW_CONSUMER), description: Some("too slow; resume".into()) });
             }
-            frame = rx.recv() => {
+            frame = inbox.recv() => {
                 let Some(frame) = frame else { break None };
                 role.observe(&frame);
                 match &frame {
