@@ -10,7 +10,6 @@
 use diesel::prelude::*;
 use duet_actors::ports::{AppendBatch, SessionChange, SessionStatus};
 
-use super::db_conn::per_backend;
 use super::rows::{NewEventRow, NewSessionRow, ACTIVE, ENDED, WAITING};
 use super::schema::{events, sessions};
 use super::{DbConn, StorageError};
@@ -89,13 +88,42 @@ pub(super) fn commit_group(conn: &mut DbConn, batches: &[&AppendBatch]) -> Resul
             .iter()
             .flat_map(|b| b.events.iter().map(move |e| NewEventRow::new(b, e)))
             .collect();
-        for chunk in rows.chunks(EVENT_ROWS_PER_INSERT) {
-            // Per backend: the derived backend has no multi-row INSERT for
-            // SQLite, while SQLite's own connection has one.
-            per_backend!(&mut *c, c => diesel::insert_into(events::table).values(chunk).execute(c))?;
+        match c {
+            // One statement text for any number of rows (arrays, not a
+            // VALUES list), so PostgreSQL plans it once per connection.
+            DbConn::Pg(pg) => insert_events_pg(pg, &rows)?,
+            // The derived backend has no multi-row INSERT for SQLite, while
+            // SQLite's own connection has one.
+            DbConn::Sqlite(lite) => {
+                for chunk in rows.chunks(EVENT_ROWS_PER_INSERT) {
+                    diesel::insert_into(events::table).values(chunk).execute(lite)?;
+                }
+            }
         }
         Ok(())
     })
+}
+
+fn insert_events_pg(pg: &mut diesel::PgConnection, rows: &[NewEventRow<'_>]) -> QueryResult<()> {
+    use diesel::sql_types::{Array, BigInt, Nullable, Text};
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let inserted = diesel::sql_query(
+        "INSERT INTO events (session_id, seq, kind, body, at_ms, client_key) \
+         SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::text[])",
+    )
+    .bind::<Array<Text>, _>(rows.iter().map(|r| r.session_id).collect::<Vec<_>>())
+    .bind::<Array<BigInt>, _>(rows.iter().map(|r| r.seq).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(rows.iter().map(|r| r.kind).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(rows.iter().map(|r| r.body.as_str()).collect::<Vec<_>>())
+    .bind::<Array<BigInt>, _>(rows.iter().map(|r| r.at_ms).collect::<Vec<_>>())
+    .bind::<Array<Nullable<Text>>, _>(rows.iter().map(|r| r.client_key).collect::<Vec<_>>())
+    .execute(pg)?;
+    if inserted != rows.len() {
+        return Err(diesel::result::Error::RollbackTransaction);
+    }
+    Ok(())
 }
 
 fn refused(batch: &AppendBatch, detail: &'static str) -> AppendError {
@@ -111,9 +139,6 @@ fn create_session_row(c: &mut DbConn, batch: &AppendBatch) -> Result<(), AppendE
     Ok(())
 }
 
-/// Sessions updated per seq-check statement on PostgreSQL (3 binds each).
-const SEQ_ROWS_PER_UPDATE: usize = 2000;
-
 /// Moves each session's `last_seq` to its batch's last event, if and only if
 /// the batch starts right after the stored one. On PostgreSQL one statement
 /// checks a whole group (a round trip per session would dominate the
@@ -126,26 +151,34 @@ fn advance_seqs(c: &mut DbConn, batches: &[&AppendBatch]) -> Result<(), AppendEr
         .filter_map(|b| Some((*b, b.events.first()?.event.seq - 1, b.events.last()?.event.seq)))
         .collect();
     match c {
-        DbConn::Pg(pg) if moves.len() > 1 => {
-            for chunk in moves.chunks(SEQ_ROWS_PER_UPDATE) {
-                let values: Vec<String> = (0..chunk.len())
-                    .map(|i| format!("(${}::text, ${}::bigint, ${}::bigint)", 3 * i + 1, 3 * i + 2, 3 * i + 3))
-                    .collect();
-                let sql = format!(
-                    "UPDATE sessions AS s SET last_seq = v.last FROM (VALUES {}) AS v(id, prev, last) \
-                     WHERE s.id = v.id AND s.last_seq = v.prev",
-                    values.join(", ")
-                );
-                let mut q = diesel::sql_query(sql).into_boxed::<diesel::pg::Pg>();
-                for (b, prev, last) in chunk {
-                    q = q
-                        .bind::<diesel::sql_types::Text, _>(b.session_id.to_string())
-                        .bind::<diesel::sql_types::BigInt, _>(*prev)
-                        .bind::<diesel::sql_types::BigInt, _>(*last);
+        DbConn::Pg(pg) if !moves.is_empty() => {
+            use diesel::sql_types::{Array, BigInt, Text};
+            // Several batches of one session in a group must chain; then the
+            // session moves once, from the first batch's start to the last's end.
+            let mut at: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+            let mut merged: Vec<(&AppendBatch, i64, i64)> = Vec::with_capacity(moves.len());
+            for (b, prev, last) in moves {
+                match at.get(b.session_id.as_ref()) {
+                    Some(&i) if merged[i].2 == prev => merged[i].2 = last,
+                    Some(_) => return Err(refused(b, "batches of one session do not follow each other")),
+                    None => {
+                        at.insert(b.session_id.as_ref(), merged.len());
+                        merged.push((b, prev, last));
+                    }
                 }
-                if q.execute(pg)? != chunk.len() {
-                    return Err(refused(chunk[0].0, "a batch of the group does not continue its stored log"));
-                }
+            }
+            let moves = merged;
+            let moved = diesel::sql_query(
+                "UPDATE sessions AS s SET last_seq = v.last \
+                 FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS v(id, prev, last) \
+                 WHERE s.id = v.id AND s.last_seq = v.prev",
+            )
+            .bind::<Array<Text>, _>(moves.iter().map(|(b, _, _)| b.session_id.as_ref()).collect::<Vec<_>>())
+            .bind::<Array<BigInt>, _>(moves.iter().map(|(_, prev, _)| *prev).collect::<Vec<_>>())
+            .bind::<Array<BigInt>, _>(moves.iter().map(|(_, _, last)| *last).collect::<Vec<_>>())
+            .execute(pg)?;
+            if moved != moves.len() {
+                return Err(refused(moves[0].0, "a batch of the group does not continue its stored log"));
             }
         }
         _ => {

@@ -82,6 +82,9 @@ pub struct DbOptions {
     /// How long the writer waits for more batches before committing; zero
     /// takes what is queued right now.
     pub batch_linger: Duration,
+    /// Writer threads (each with its own connection) for PostgreSQL; SQLite
+    /// always has one (it has one writer at a time anyway).
+    pub pg_writers: usize,
 }
 
 impl Default for DbOptions {
@@ -91,6 +94,7 @@ impl Default for DbOptions {
             connect_timeout: Duration::from_secs(2),
             batch_max: 1000,
             batch_linger: Duration::ZERO,
+            pg_writers: 3,
         }
     }
 }
@@ -173,7 +177,11 @@ impl Database {
             batch_max: opts.batch_max,
             batch_linger: opts.batch_linger,
         };
-        let writer = WriterHandle::spawn(manager, limits)
+        let writers = match backend {
+            Backend::Postgres => opts.pg_writers,
+            Backend::Sqlite => 1,
+        };
+        let writer = WriterHandle::spawn(manager, limits, writers)
             .map_err(|e| StorageError::internal(format!("cannot start the event writer: {e}")))?;
         let events = Arc::new(SqlEventStore::new(
             pool.clone(),

@@ -107,12 +107,12 @@ impl<'a> NewSessionRow<'a> {
 #[derive(Insertable)]
 #[diesel(table_name = events, treat_none_as_default_value = false)]
 pub(super) struct NewEventRow<'a> {
-    session_id: &'a str,
-    seq: i64,
-    kind: &'static str,
-    body: String,
-    at_ms: i64,
-    client_key: Option<&'a str>,
+    pub(super) session_id: &'a str,
+    pub(super) seq: i64,
+    pub(super) kind: &'static str,
+    pub(super) body: String,
+    pub(super) at_ms: i64,
+    pub(super) client_key: Option<&'a str>,
 }
 
 impl<'a> NewEventRow<'a> {

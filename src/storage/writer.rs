@@ -71,33 +71,44 @@ pub(super) struct WriterCounters {
 /// The sending side; the thread ends when every handle is dropped, after
 /// committing what was queued.
 pub(super) struct WriterHandle {
-    tx: Sender<Job>,
+    txs: Vec<Sender<Job>>,
     counters: Arc<WriterCounters>,
 }
 
 impl WriterHandle {
+    /// Starts `writers` threads, each with its own queue and connection. A
+    /// session always goes to the same writer (by a hash of its id), so its
+    /// batches keep their order; different sessions commit in parallel
+    /// (PostgreSQL flushes concurrent commits with one WAL write), so a
+    /// message waits for about one commit, not for the one in progress plus
+    /// its own.
     pub(super) fn spawn(
         manager: ConnManager,
         limits: GroupLimits,
+        writers: usize,
     ) -> std::io::Result<WriterHandle> {
-        let (tx, rx) = mpsc::channel();
         let counters = Arc::new(WriterCounters::default());
-        let writer = Writer {
-            manager,
-            limits: GroupLimits {
-                batch_max: limits.batch_max.max(1),
-                ..limits
-            },
-            counters: counters.clone(),
-            conn: None,
-            backoff: FIRST_BACKOFF,
-            retry_at: None,
-            carry: None,
-        };
-        std::thread::Builder::new()
-            .name("duet-db-writer".to_owned())
-            .spawn(move || writer.run(rx))?;
-        Ok(WriterHandle { tx, counters })
+        let mut txs = Vec::new();
+        for i in 0..writers.max(1) {
+            let (tx, rx) = mpsc::channel();
+            txs.push(tx);
+            let writer = Writer {
+                manager: manager.clone(),
+                limits: GroupLimits {
+                    batch_max: limits.batch_max.max(1),
+                    ..limits
+                },
+                counters: counters.clone(),
+                conn: None,
+                backoff: FIRST_BACKOFF,
+                retry_at: None,
+                carry: None,
+            };
+            std::thread::Builder::new()
+                .name(format!("duet-db-writer-{i}"))
+                .spawn(move || writer.run(rx))?;
+        }
+        Ok(WriterHandle { txs, counters })
     }
 
     /// Queues a batch now; the receiver resolves when it is committed (or
@@ -110,7 +121,8 @@ impl WriterHandle {
         }
         let (done, ack) = oneshot::channel();
         queued.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(Job { batch, done }).is_err() {
+        let tx = &self.txs[writer_of(&batch.session_id, self.txs.len())];
+        if tx.send(Job { batch, done }).is_err() {
             queued.fetch_sub(1, Ordering::Relaxed);
             tracing::error!("event writer thread is gone");
             return Err(StoreError::Internal);
@@ -121,6 +133,16 @@ impl WriterHandle {
     pub(super) fn counters(&self) -> &WriterCounters {
         &self.counters
     }
+}
+
+/// The writer a session's batches go to (FNV-1a of its id).
+fn writer_of(session_id: &str, writers: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in session_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % writers.max(1) as u64) as usize
 }
 
 struct Writer {
