@@ -242,3 +242,111 @@ fn update_status(c: &mut DbConn, id: &str, status: &SessionStatus) -> QueryResul
             .execute(c),
     }
 }
+
+#[derive(QueryableByName)]
+struct MovedSession {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    id: String,
+}
+
+/// The hot-path statement as a query type of its own: a static query id
+/// lets diesel prepare it once per connection (a `sql_query` is parsed and
+/// planned on every call, and planning this one cost more than the write).
+struct PlainAppend<'a> {
+    ids: Vec<&'a str>,
+    prevs: Vec<i64>,
+    lasts: Vec<i64>,
+    ev_sessions: Vec<&'a str>,
+    ev_seqs: Vec<i64>,
+    ev_kinds: Vec<&'a str>,
+    ev_bodies: Vec<&'a str>,
+    ev_at: Vec<i64>,
+    ev_keys: Vec<Option<&'a str>>,
+}
+
+struct PlainAppendId;
+
+impl diesel::query_builder::QueryId for PlainAppend<'_> {
+    type QueryId = PlainAppendId;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl diesel::query_builder::Query for PlainAppend<'_> {
+    type SqlType = diesel::sql_types::Untyped;
+}
+
+impl<'a> RunQueryDsl<diesel::PgConnection> for PlainAppend<'a> {}
+
+impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for PlainAppend<'_> {
+    fn walk_ast<'b>(&'b self, mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>) -> QueryResult<()> {
+        use diesel::sql_types::{Array, BigInt, Nullable, Text};
+        out.push_sql("WITH moved AS (UPDATE sessions AS s SET last_seq = v.last FROM unnest(");
+        out.push_bind_param::<Array<Text>, _>(&self.ids)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<BigInt>, _>(&self.prevs)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<BigInt>, _>(&self.lasts)?;
+        out.push_sql(
+            ") AS v(id, prev, last) WHERE s.id = v.id AND s.last_seq = v.prev RETURNING s.id), \
+             stored AS (INSERT INTO events (session_id, seq, kind, body, at_ms, client_key) \
+             SELECT e.* FROM unnest(",
+        );
+        out.push_bind_param::<Array<Text>, _>(&self.ev_sessions)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<BigInt>, _>(&self.ev_seqs)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.ev_kinds)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.ev_bodies)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<BigInt>, _>(&self.ev_at)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&self.ev_keys)?;
+        out.push_sql(
+            ") AS e(session_id, seq, kind, body, at_ms, client_key) \
+             WHERE e.session_id IN (SELECT id FROM moved) RETURNING 1) \
+             SELECT id FROM moved",
+        );
+        Ok(())
+    }
+}
+
+/// The hot path on PostgreSQL: a group of plain appends (no session row
+/// created or changed) as ONE statement in autocommit, so one round trip and
+/// one commit store the whole group. The seq check and the insert are one
+/// data-modifying CTE: only events of sessions whose `last_seq` moved are
+/// inserted, so each batch stands or falls on its own. Answers, per batch,
+/// whether it was stored; `None` when the group needs the general path.
+pub(super) fn commit_plain_group_pg(conn: &mut DbConn, batches: &[&AppendBatch]) -> Option<Result<Vec<bool>, AppendError>> {
+    let DbConn::Pg(pg) = conn else { return None };
+    if batches.iter().any(|b| b.change.is_some() || b.events.is_empty()) {
+        return None;
+    }
+    let mut seen = std::collections::HashSet::new();
+    if !batches.iter().all(|b| seen.insert(b.session_id.as_ref())) {
+        return None; // two batches of one session: the general path chains them
+    }
+    let rows: Vec<NewEventRow<'_>> = batches
+        .iter()
+        .flat_map(|b| b.events.iter().map(move |e| NewEventRow::new(b, e)))
+        .collect();
+    let query = PlainAppend {
+        ids: batches.iter().map(|b| b.session_id.as_ref()).collect(),
+        prevs: batches.iter().map(|b| b.events[0].event.seq - 1).collect(),
+        lasts: batches.iter().filter_map(|b| b.events.last().map(|e| e.event.seq)).collect(),
+        ev_sessions: rows.iter().map(|r| r.session_id).collect(),
+        ev_seqs: rows.iter().map(|r| r.seq).collect(),
+        ev_kinds: rows.iter().map(|r| r.kind).collect(),
+        ev_bodies: rows.iter().map(|r| r.body.as_str()).collect(),
+        ev_at: rows.iter().map(|r| r.at_ms).collect(),
+        ev_keys: rows.iter().map(|r| r.client_key).collect(),
+    };
+    let moved = query.load::<MovedSession>(pg);
+    Some(match moved {
+        Ok(moved) => {
+            let moved: std::collections::HashSet<String> = moved.into_iter().map(|m| m.id).collect();
+            Ok(batches.iter().map(|b| moved.contains(b.session_id.as_ref())).collect())
+        }
+        Err(e) => Err(AppendError::Db(e)),
+    })
+}

@@ -129,7 +129,11 @@ impl ConnManager {
         match &self.target {
             Target::Postgres { url } => {
                 let mut c = PgConnection::establish(url).map_err(r2d2::Error::ConnectionError)?;
-                c.batch_execute("SET synchronous_commit = on")
+                // Generic plans: duet's statements are prepared once and their
+                // best plan does not depend on the values (id lookups, arrays
+                // of one group); replanning each execution cost more than the
+                // write itself.
+                c.batch_execute("SET synchronous_commit = on; SET plan_cache_mode = force_generic_plan")
                     .map_err(r2d2::Error::QueryError)?;
                 Ok(DbConn::Pg(c))
             }

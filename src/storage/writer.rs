@@ -31,7 +31,7 @@ use duet_actors::error::StoreError;
 use duet_actors::ports::AppendBatch;
 use tokio::sync::oneshot;
 
-use super::append::{commit_group, validate};
+use super::append::{commit_group, commit_plain_group_pg, validate};
 use super::conn::ConnManager;
 use super::{DbConn, StorageError};
 
@@ -243,6 +243,37 @@ impl Writer {
             }
             return results;
         };
+        if let Some(plain) = commit_plain_group_pg(conn, &group) {
+            match plain.map_err(StorageError::from) {
+                Ok(stored) => {
+                    self.committed(stored.iter().filter(|s| **s).count());
+                    for (k, ok) in stored.into_iter().enumerate() {
+                        results[valid[k]] = if ok {
+                            Ok(())
+                        } else {
+                            tracing::warn!(session_id = %group[k].session_id, "append refused: seq does not continue the stored log");
+                            Err(StoreError::Conflict("seq does not continue the stored log".to_owned()))
+                        };
+                    }
+                    return results;
+                }
+                Err(e) if matches!(e, StorageError::Unavailable(_)) => {
+                    self.after_failure(&e);
+                    let e = StoreError::from(e);
+                    for &i in &valid {
+                        results[i] = Err(e.clone());
+                    }
+                    return results;
+                }
+                // A unique key refused the statement: find the batch at fault.
+                Err(_) => {
+                    for (k, r) in self.one_by_one(&group).into_iter().enumerate() {
+                        results[valid[k]] = r;
+                    }
+                    return results;
+                }
+            }
+        }
         let outcome = commit_group(conn, &group).map_err(StorageError::from);
         match outcome {
             Ok(()) => self.committed(group.len()),
