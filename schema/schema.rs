@@ -78,7 +78,6 @@ diesel::table! {
         assigned_at_ms -> Nullable<BigInt>,
         ended_reason -> Nullable<Text>,
         ended_at_ms -> Nullable<BigInt>,
-        last_seq -> BigInt,
     }
 }
 

@@ -1,11 +1,18 @@
 //! The SQL of an append: many [`AppendBatch`]es in one transaction.
 //!
-//! For each batch, in the order given: its `Create` inserts the session row;
-//! its events must continue the session's `last_seq` exactly (checked by an
-//! `UPDATE … WHERE last_seq = first - 1`, so seqs stay without gaps and a
-//! stale writer of the same session cannot interleave); its `Status` change
-//! updates the status columns. Then all events of all batches go in as
-//! multi-row INSERTs. Any failure rolls back the whole transaction.
+//! Seqs: each batch must continue its session's log exactly. The writer
+//! knows the last seq of every session it wrote ([`SeqCache`], read once
+//! from the primary key when it first sees a session), so the check costs
+//! no statement and no session row is rewritten per message; the primary
+//! key `(session_id, seq)` still refuses a seq stored twice, by anyone.
+//!
+//! A group: `Create`s insert session rows, `Status` changes update them,
+//! then all events go in as one multi-row INSERT; all or nothing. A group of
+//! plain appends on PostgreSQL is a single prepared INSERT in autocommit
+//! ([`commit_plain_group_pg`]): one round trip, one commit.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use diesel::prelude::*;
 use duet_actors::ports::{AppendBatch, SessionChange, SessionStatus};
@@ -72,15 +79,83 @@ pub(super) fn validate(batch: &AppendBatch) -> Result<(), String> {
     Ok(())
 }
 
-/// Commits the batches together, or nothing of them.
-pub(super) fn commit_group(conn: &mut DbConn, batches: &[&AppendBatch]) -> Result<(), AppendError> {
-    conn.write_transaction(|c| {
-        // Creations first: a batch that creates its session also carries its
-        // first events, whose seq check needs the row.
+/// The last stored seq of each session this writer has written, so that
+/// continuing a log needs no query. An entry is dropped when its session
+/// ends, and whenever a write of it failed (then storage is asked again).
+#[derive(Default)]
+pub(super) struct SeqCache {
+    last: HashMap<Arc<str>, i64>,
+}
+
+impl SeqCache {
+    fn stored(&mut self, c: &mut DbConn, batch: &AppendBatch) -> QueryResult<i64> {
+        if matches!(batch.change, Some(SessionChange::Create(..))) {
+            return Ok(0);
+        }
+        if let Some(&last) = self.last.get(batch.session_id.as_ref()) {
+            return Ok(last);
+        }
+        let last = super::events::last_seq(c, &batch.session_id)?;
+        self.last.insert(batch.session_id.clone(), last);
+        Ok(last)
+    }
+
+    /// Which batches continue their logs (a session's batches in a group
+    /// must also follow each other), and the last seq each session reaches.
+    fn check(&mut self, c: &mut DbConn, batches: &[&AppendBatch]) -> QueryResult<(Vec<bool>, HashMap<Arc<str>, i64>)> {
+        let mut reached: HashMap<Arc<str>, i64> = HashMap::new();
+        let mut broken: HashSet<&str> = HashSet::new();
+        let mut ok = Vec::with_capacity(batches.len());
+        for b in batches {
+            let (Some(first), Some(last)) = (b.events.first(), b.events.last()) else {
+                ok.push(!broken.contains(b.session_id.as_ref()));
+                continue;
+            };
+            let prev = match reached.get(&b.session_id) {
+                Some(&p) => p,
+                None => self.stored(c, b)?,
+            };
+            let fits = !broken.contains(b.session_id.as_ref()) && first.event.seq == prev + 1;
+            if fits {
+                reached.insert(b.session_id.clone(), last.event.seq);
+            } else {
+                broken.insert(b.session_id.as_ref());
+            }
+            ok.push(fits);
+        }
+        Ok((ok, reached))
+    }
+
+    /// After a commit: remember where each session is; forget ended ones.
+    fn committed(&mut self, batches: &[&AppendBatch], reached: HashMap<Arc<str>, i64>) {
+        self.last.extend(reached);
+        for b in batches {
+            if matches!(b.change, Some(SessionChange::Status(SessionStatus::Ended { .. }))) {
+                self.last.remove(b.session_id.as_ref());
+            }
+        }
+    }
+
+    /// After a failure: what was stored is unknown, so ask storage next time.
+    pub(super) fn forget(&mut self, batches: &[&AppendBatch]) {
+        for b in batches {
+            self.last.remove(b.session_id.as_ref());
+        }
+    }
+}
+
+/// Commits the batches together, or nothing of them. Any batch that does
+/// not continue its log fails the group (the writer then retries batch by
+/// batch to find the one at fault).
+pub(super) fn commit_group(conn: &mut DbConn, batches: &[&AppendBatch], seqs: &mut SeqCache) -> Result<(), AppendError> {
+    let res = conn.write_transaction(|c| {
         for batch in batches {
             create_session_row(c, batch)?;
         }
-        advance_seqs(c, batches)?;
+        let (ok, reached) = seqs.check(c, batches)?;
+        if let Some(i) = ok.iter().position(|fits| !fits) {
+            return Err(refused(batches[i], "seq does not continue the stored log"));
+        }
         for batch in batches {
             apply_status(c, batch)?;
         }
@@ -88,40 +163,41 @@ pub(super) fn commit_group(conn: &mut DbConn, batches: &[&AppendBatch]) -> Resul
             .iter()
             .flat_map(|b| b.events.iter().map(move |e| NewEventRow::new(b, e)))
             .collect();
-        match c {
-            // One statement text for any number of rows (arrays, not a
-            // VALUES list), so PostgreSQL plans it once per connection.
-            DbConn::Pg(pg) => insert_events_pg(pg, &rows)?,
-            // The derived backend has no multi-row INSERT for SQLite, while
-            // SQLite's own connection has one.
-            DbConn::Sqlite(lite) => {
-                for chunk in rows.chunks(EVENT_ROWS_PER_INSERT) {
-                    diesel::insert_into(events::table).values(chunk).execute(lite)?;
-                }
-            }
+        insert_events(c, &rows)?;
+        Ok(reached)
+    });
+    match res {
+        Ok(reached) => {
+            seqs.committed(batches, reached);
+            Ok(())
         }
-        Ok(())
-    })
+        Err(e) => {
+            seqs.forget(batches);
+            Err(e)
+        }
+    }
 }
 
-fn insert_events_pg(pg: &mut diesel::PgConnection, rows: &[NewEventRow<'_>]) -> QueryResult<()> {
-    use diesel::sql_types::{Array, BigInt, Nullable, Text};
+fn insert_events(c: &mut DbConn, rows: &[NewEventRow<'_>]) -> Result<(), AppendError> {
     if rows.is_empty() {
         return Ok(());
     }
-    let inserted = diesel::sql_query(
-        "INSERT INTO events (session_id, seq, kind, body, at_ms, client_key) \
-         SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::text[])",
-    )
-    .bind::<Array<Text>, _>(rows.iter().map(|r| r.session_id).collect::<Vec<_>>())
-    .bind::<Array<BigInt>, _>(rows.iter().map(|r| r.seq).collect::<Vec<_>>())
-    .bind::<Array<Text>, _>(rows.iter().map(|r| r.kind).collect::<Vec<_>>())
-    .bind::<Array<Text>, _>(rows.iter().map(|r| r.body.as_str()).collect::<Vec<_>>())
-    .bind::<Array<BigInt>, _>(rows.iter().map(|r| r.at_ms).collect::<Vec<_>>())
-    .bind::<Array<Nullable<Text>>, _>(rows.iter().map(|r| r.client_key).collect::<Vec<_>>())
-    .execute(pg)?;
-    if inserted != rows.len() {
-        return Err(diesel::result::Error::RollbackTransaction);
+    match c {
+        // One prepared statement for any number of rows (arrays, not a
+        // VALUES list), so PostgreSQL plans it once per connection.
+        DbConn::Pg(pg) => {
+            let inserted = InsertEventsPg::new(rows).execute(pg)?;
+            if inserted != rows.len() {
+                return Err(AppendError::Db(diesel::result::Error::RollbackTransaction));
+            }
+        }
+        // The derived backend has no multi-row INSERT for SQLite, while
+        // SQLite's own connection has one.
+        DbConn::Sqlite(lite) => {
+            for chunk in rows.chunks(EVENT_ROWS_PER_INSERT) {
+                diesel::insert_into(events::table).values(chunk).execute(lite)?;
+            }
+        }
     }
     Ok(())
 }
@@ -135,64 +211,6 @@ fn create_session_row(c: &mut DbConn, batch: &AppendBatch) -> Result<(), AppendE
         diesel::insert_into(sessions::table)
             .values(NewSessionRow::new(record, status))
             .execute(c)?;
-    }
-    Ok(())
-}
-
-/// Moves each session's `last_seq` to its batch's last event, if and only if
-/// the batch starts right after the stored one. On PostgreSQL one statement
-/// checks a whole group (a round trip per session would dominate the
-/// commit); SQLite is in-process, so a statement per session costs little.
-/// Any refusal fails the group; the writer then retries batch by batch to
-/// find the one at fault.
-fn advance_seqs(c: &mut DbConn, batches: &[&AppendBatch]) -> Result<(), AppendError> {
-    let moves: Vec<(&AppendBatch, i64, i64)> = batches
-        .iter()
-        .filter_map(|b| Some((*b, b.events.first()?.event.seq - 1, b.events.last()?.event.seq)))
-        .collect();
-    match c {
-        DbConn::Pg(pg) if !moves.is_empty() => {
-            use diesel::sql_types::{Array, BigInt, Text};
-            // Several batches of one session in a group must chain; then the
-            // session moves once, from the first batch's start to the last's end.
-            let mut at: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-            let mut merged: Vec<(&AppendBatch, i64, i64)> = Vec::with_capacity(moves.len());
-            for (b, prev, last) in moves {
-                match at.get(b.session_id.as_ref()) {
-                    Some(&i) if merged[i].2 == prev => merged[i].2 = last,
-                    Some(_) => return Err(refused(b, "batches of one session do not follow each other")),
-                    None => {
-                        at.insert(b.session_id.as_ref(), merged.len());
-                        merged.push((b, prev, last));
-                    }
-                }
-            }
-            let moves = merged;
-            let moved = diesel::sql_query(
-                "UPDATE sessions AS s SET last_seq = v.last \
-                 FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS v(id, prev, last) \
-                 WHERE s.id = v.id AND s.last_seq = v.prev",
-            )
-            .bind::<Array<Text>, _>(moves.iter().map(|(b, _, _)| b.session_id.as_ref()).collect::<Vec<_>>())
-            .bind::<Array<BigInt>, _>(moves.iter().map(|(_, prev, _)| *prev).collect::<Vec<_>>())
-            .bind::<Array<BigInt>, _>(moves.iter().map(|(_, _, last)| *last).collect::<Vec<_>>())
-            .execute(pg)?;
-            if moved != moves.len() {
-                return Err(refused(moves[0].0, "a batch of the group does not continue its stored log"));
-            }
-        }
-        _ => {
-            for (b, prev, last) in moves {
-                let moved = diesel::update(sessions::table)
-                    .filter(sessions::id.eq(b.session_id.as_ref()))
-                    .filter(sessions::last_seq.eq(prev))
-                    .set(sessions::last_seq.eq(last))
-                    .execute(c)?;
-                if moved != 1 {
-                    return Err(refused(b, "seq does not continue the stored log (or no such session)"));
-                }
-            }
-        }
     }
     Ok(())
 }
@@ -243,110 +261,91 @@ fn update_status(c: &mut DbConn, id: &str, status: &SessionStatus) -> QueryResul
     }
 }
 
-#[derive(QueryableByName)]
-struct MovedSession {
-    #[diesel(sql_type = diesel::sql_types::Text)]
-    id: String,
+/// The events INSERT on PostgreSQL as a query type of its own: a static
+/// query id lets diesel prepare it once per connection (a `sql_query` is
+/// parsed and planned on every call, which cost more than the write).
+struct InsertEventsPg<'a> {
+    sessions: Vec<&'a str>,
+    seqs: Vec<i64>,
+    kinds: Vec<&'a str>,
+    bodies: Vec<&'a str>,
+    at: Vec<i64>,
+    keys: Vec<Option<&'a str>>,
 }
 
-/// The hot-path statement as a query type of its own: a static query id
-/// lets diesel prepare it once per connection (a `sql_query` is parsed and
-/// planned on every call, and planning this one cost more than the write).
-struct PlainAppend<'a> {
-    ids: Vec<&'a str>,
-    prevs: Vec<i64>,
-    lasts: Vec<i64>,
-    ev_sessions: Vec<&'a str>,
-    ev_seqs: Vec<i64>,
-    ev_kinds: Vec<&'a str>,
-    ev_bodies: Vec<&'a str>,
-    ev_at: Vec<i64>,
-    ev_keys: Vec<Option<&'a str>>,
+impl<'a> InsertEventsPg<'a> {
+    fn new(rows: &'a [NewEventRow<'a>]) -> InsertEventsPg<'a> {
+        InsertEventsPg {
+            sessions: rows.iter().map(|r| r.session_id).collect(),
+            seqs: rows.iter().map(|r| r.seq).collect(),
+            kinds: rows.iter().map(|r| r.kind).collect(),
+            bodies: rows.iter().map(|r| r.body.as_str()).collect(),
+            at: rows.iter().map(|r| r.at_ms).collect(),
+            keys: rows.iter().map(|r| r.client_key).collect(),
+        }
+    }
 }
 
-struct PlainAppendId;
+struct InsertEventsPgId;
 
-impl diesel::query_builder::QueryId for PlainAppend<'_> {
-    type QueryId = PlainAppendId;
+impl diesel::query_builder::QueryId for InsertEventsPg<'_> {
+    type QueryId = InsertEventsPgId;
     const HAS_STATIC_QUERY_ID: bool = true;
 }
 
-impl diesel::query_builder::Query for PlainAppend<'_> {
-    type SqlType = diesel::sql_types::Untyped;
-}
+impl RunQueryDsl<diesel::PgConnection> for InsertEventsPg<'_> {}
 
-impl<'a> RunQueryDsl<diesel::PgConnection> for PlainAppend<'a> {}
-
-impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for PlainAppend<'_> {
+impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for InsertEventsPg<'_> {
     fn walk_ast<'b>(&'b self, mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>) -> QueryResult<()> {
         use diesel::sql_types::{Array, BigInt, Nullable, Text};
-        out.push_sql("WITH moved AS (UPDATE sessions AS s SET last_seq = v.last FROM unnest(");
-        out.push_bind_param::<Array<Text>, _>(&self.ids)?;
+        out.push_sql("INSERT INTO events (session_id, seq, kind, body, at_ms, client_key) SELECT * FROM unnest(");
+        out.push_bind_param::<Array<Text>, _>(&self.sessions)?;
         out.push_sql(", ");
-        out.push_bind_param::<Array<BigInt>, _>(&self.prevs)?;
+        out.push_bind_param::<Array<BigInt>, _>(&self.seqs)?;
         out.push_sql(", ");
-        out.push_bind_param::<Array<BigInt>, _>(&self.lasts)?;
-        out.push_sql(
-            ") AS v(id, prev, last) WHERE s.id = v.id AND s.last_seq = v.prev RETURNING s.id), \
-             stored AS (INSERT INTO events (session_id, seq, kind, body, at_ms, client_key) \
-             SELECT e.* FROM unnest(",
-        );
-        out.push_bind_param::<Array<Text>, _>(&self.ev_sessions)?;
+        out.push_bind_param::<Array<Text>, _>(&self.kinds)?;
         out.push_sql(", ");
-        out.push_bind_param::<Array<BigInt>, _>(&self.ev_seqs)?;
+        out.push_bind_param::<Array<Text>, _>(&self.bodies)?;
         out.push_sql(", ");
-        out.push_bind_param::<Array<Text>, _>(&self.ev_kinds)?;
+        out.push_bind_param::<Array<BigInt>, _>(&self.at)?;
         out.push_sql(", ");
-        out.push_bind_param::<Array<Text>, _>(&self.ev_bodies)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Array<BigInt>, _>(&self.ev_at)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Array<Nullable<Text>>, _>(&self.ev_keys)?;
-        out.push_sql(
-            ") AS e(session_id, seq, kind, body, at_ms, client_key) \
-             WHERE e.session_id IN (SELECT id FROM moved) RETURNING 1) \
-             SELECT id FROM moved",
-        );
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&self.keys)?;
+        out.push_sql(")");
         Ok(())
     }
 }
 
 /// The hot path on PostgreSQL: a group of plain appends (no session row
-/// created or changed) as ONE statement in autocommit, so one round trip and
-/// one commit store the whole group. The seq check and the insert are one
-/// data-modifying CTE: only events of sessions whose `last_seq` moved are
-/// inserted, so each batch stands or falls on its own. Answers, per batch,
-/// whether it was stored; `None` when the group needs the general path.
-pub(super) fn commit_plain_group_pg(conn: &mut DbConn, batches: &[&AppendBatch]) -> Option<Result<Vec<bool>, AppendError>> {
-    let DbConn::Pg(pg) = conn else { return None };
-    if batches.iter().any(|b| b.change.is_some() || b.events.is_empty()) {
+/// created or changed) as ONE prepared INSERT in autocommit: one round trip,
+/// one commit for the whole group. Batches that do not continue their logs
+/// are left out and answered `false`. `None` when the group needs the
+/// general path.
+pub(super) fn commit_plain_group_pg(
+    conn: &mut DbConn,
+    batches: &[&AppendBatch],
+    seqs: &mut SeqCache,
+) -> Option<Result<Vec<bool>, AppendError>> {
+    if !matches!(conn, DbConn::Pg(_)) || batches.iter().any(|b| b.change.is_some()) {
         return None;
     }
-    let mut seen = std::collections::HashSet::new();
-    if !batches.iter().all(|b| seen.insert(b.session_id.as_ref())) {
-        return None; // two batches of one session: the general path chains them
-    }
+    let (ok, reached) = match seqs.check(conn, batches) {
+        Ok(checked) => checked,
+        Err(e) => return Some(Err(AppendError::Db(e))),
+    };
     let rows: Vec<NewEventRow<'_>> = batches
         .iter()
-        .flat_map(|b| b.events.iter().map(move |e| NewEventRow::new(b, e)))
+        .zip(&ok)
+        .filter(|(_, fits)| **fits)
+        .flat_map(|(b, _)| b.events.iter().map(move |e| NewEventRow::new(b, e)))
         .collect();
-    let query = PlainAppend {
-        ids: batches.iter().map(|b| b.session_id.as_ref()).collect(),
-        prevs: batches.iter().map(|b| b.events[0].event.seq - 1).collect(),
-        lasts: batches.iter().filter_map(|b| b.events.last().map(|e| e.event.seq)).collect(),
-        ev_sessions: rows.iter().map(|r| r.session_id).collect(),
-        ev_seqs: rows.iter().map(|r| r.seq).collect(),
-        ev_kinds: rows.iter().map(|r| r.kind).collect(),
-        ev_bodies: rows.iter().map(|r| r.body.as_str()).collect(),
-        ev_at: rows.iter().map(|r| r.at_ms).collect(),
-        ev_keys: rows.iter().map(|r| r.client_key).collect(),
-    };
-    let moved = query.load::<MovedSession>(pg);
-    Some(match moved {
-        Ok(moved) => {
-            let moved: std::collections::HashSet<String> = moved.into_iter().map(|m| m.id).collect();
-            Ok(batches.iter().map(|b| moved.contains(b.session_id.as_ref())).collect())
+    Some(match insert_events(conn, &rows) {
+        Ok(()) => {
+            seqs.committed(batches, reached);
+            Ok(ok)
         }
-        Err(e) => Err(AppendError::Db(e)),
+        Err(e) => {
+            seqs.forget(batches);
+            Err(e)
+        }
     })
 }

@@ -54,6 +54,8 @@ impl From<DieselError> for StorageError {
         match &e {
             DieselError::NotFound => StorageError::NotFound,
             DieselError::DatabaseError(kind, info) => match kind {
+                // An event for a session row that does not exist.
+                DatabaseErrorKind::ForeignKeyViolation => StorageError::Conflict(info.message().to_owned()),
                 DatabaseErrorKind::UniqueViolation => {
                     tracing::debug!(error = %e, "unique violation");
                     StorageError::Conflict(info.message().to_owned())

@@ -130,7 +130,15 @@ fn load_session(c: &mut DbConn, id: &str) -> QueryResult<Option<SessionSnapshot>
         .select((events::client_key.assume_not_null(), events::seq))
         .load(c)?;
     let keys = keys.into_iter().map(|(k, s)| (Arc::from(k), s)).collect();
-    row.into_snapshot(keys).map(Some).map_err(bad_row)
+    let last_seq = last_seq(c, id)?;
+    row.into_snapshot(last_seq, keys).map(Some).map_err(bad_row)
+}
+
+/// The highest stored seq of a session (0 without events), from the
+/// primary key.
+pub(super) fn last_seq(c: &mut DbConn, id: &str) -> QueryResult<Seq> {
+    use diesel::dsl::max;
+    Ok(events::table.filter(events::session_id.eq(id)).select(max(events::seq)).first::<Option<i64>>(c)?.unwrap_or(0))
 }
 
 /// Every session not ended, with its keys, in two queries (not one per
@@ -156,12 +164,20 @@ fn open_sessions(c: &mut DbConn) -> QueryResult<Vec<SessionSnapshot>> {
     for (session, key, seq) in keyed {
         keys.entry(session).or_default().push((Arc::from(key), seq));
     }
+    let lasts: Vec<(String, Option<i64>)> = events::table
+        .inner_join(sessions::table)
+        .filter(sessions::status.ne(ENDED))
+        .group_by(events::session_id)
+        .select((events::session_id, diesel::dsl::max(events::seq)))
+        .load(c)?;
+    let mut lasts: HashMap<String, i64> = lasts.into_iter().map(|(s, m)| (s, m.unwrap_or(0))).collect();
     Ok(rows
         .into_iter()
         .filter_map(|row| {
             let id = row.id().to_owned();
             let session_keys = keys.remove(&id).unwrap_or_default();
-            row.into_snapshot(session_keys)
+            let last_seq = lasts.remove(&id).unwrap_or(0);
+            row.into_snapshot(last_seq, session_keys)
                 .map_err(|why| tracing::warn!(session_id = %id, why, "skipping a session row that does not decode"))
                 .ok()
         })

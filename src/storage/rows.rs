@@ -57,8 +57,7 @@ impl<'a> StatusColumns<'a> {
     }
 }
 
-/// A new `sessions` row. `last_seq` starts at 0; the writer raises it with
-/// the events of the same batch.
+/// A new `sessions` row.
 #[derive(Insertable)]
 #[diesel(table_name = sessions, treat_none_as_default_value = false)]
 pub(super) struct NewSessionRow<'a> {
@@ -76,7 +75,6 @@ pub(super) struct NewSessionRow<'a> {
     assigned_at_ms: Option<i64>,
     ended_reason: Option<&'static str>,
     ended_at_ms: Option<i64>,
-    last_seq: i64,
 }
 
 impl<'a> NewSessionRow<'a> {
@@ -97,7 +95,6 @@ impl<'a> NewSessionRow<'a> {
             assigned_at_ms: s.assigned_at_ms,
             ended_reason: s.ended_reason,
             ended_at_ms: s.ended_at_ms,
-            last_seq: 0,
         }
     }
 }
@@ -146,7 +143,6 @@ pub(super) struct SessionRow {
     assigned_at_ms: Option<i64>,
     ended_reason: Option<String>,
     ended_at_ms: Option<i64>,
-    last_seq: i64,
 }
 
 impl SessionRow {
@@ -158,6 +154,7 @@ impl SessionRow {
     /// could have written.
     pub(super) fn into_snapshot(
         self,
+        last_seq: Seq,
         client_keys: Vec<(Arc<str>, Seq)>,
     ) -> Result<SessionSnapshot, String> {
         let status = self.status()?;
@@ -173,7 +170,7 @@ impl SessionRow {
                 created_at_ms: self.created_at_ms,
             },
             status,
-            last_seq: self.last_seq,
+            last_seq,
             client_keys,
         })
     }

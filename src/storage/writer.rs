@@ -31,7 +31,7 @@ use duet_actors::error::StoreError;
 use duet_actors::ports::AppendBatch;
 use tokio::sync::oneshot;
 
-use super::append::{commit_group, commit_plain_group_pg, validate};
+use super::append::{commit_group, commit_plain_group_pg, validate, SeqCache};
 use super::conn::ConnManager;
 use super::{DbConn, StorageError};
 
@@ -103,6 +103,7 @@ impl WriterHandle {
                 backoff: FIRST_BACKOFF,
                 retry_at: None,
                 carry: None,
+                seqs: SeqCache::default(),
             };
             std::thread::Builder::new()
                 .name(format!("duet-db-writer-{i}"))
@@ -155,6 +156,8 @@ struct Writer {
     retry_at: Option<Instant>,
     /// A job taken from the channel that did not fit the previous group.
     carry: Option<Job>,
+    /// Where each session's log stands, as far as this writer knows.
+    seqs: SeqCache,
 }
 
 impl Writer {
@@ -223,6 +226,14 @@ impl Writer {
 
     /// One result per batch, in order.
     fn process(&mut self, batches: &[&AppendBatch]) -> Vec<Result<(), StoreError>> {
+        // Taken out so that the connection (also in `self`) can be borrowed.
+        let mut seqs = std::mem::take(&mut self.seqs);
+        let results = self.process_with(batches, &mut seqs);
+        self.seqs = seqs;
+        results
+    }
+
+    fn process_with(&mut self, batches: &[&AppendBatch], seqs: &mut SeqCache) -> Vec<Result<(), StoreError>> {
         let mut results: Vec<Result<(), StoreError>> = batches
             .iter()
             .map(|b| {
@@ -243,7 +254,7 @@ impl Writer {
             }
             return results;
         };
-        if let Some(plain) = commit_plain_group_pg(conn, &group) {
+        if let Some(plain) = commit_plain_group_pg(conn, &group, seqs) {
             match plain.map_err(StorageError::from) {
                 Ok(stored) => {
                     self.committed(stored.iter().filter(|s| **s).count());
@@ -267,14 +278,14 @@ impl Writer {
                 }
                 // A unique key refused the statement: find the batch at fault.
                 Err(_) => {
-                    for (k, r) in self.one_by_one(&group).into_iter().enumerate() {
+                    for (k, r) in self.one_by_one(&group, seqs).into_iter().enumerate() {
                         results[valid[k]] = r;
                     }
                     return results;
                 }
             }
         }
-        let outcome = commit_group(conn, &group).map_err(StorageError::from);
+        let outcome = commit_group(conn, &group, seqs).map_err(StorageError::from);
         match outcome {
             Ok(()) => self.committed(group.len()),
             Err(e) if group.len() == 1 || matches!(e, StorageError::Unavailable(_)) => {
@@ -285,7 +296,7 @@ impl Writer {
                 }
             }
             Err(_) => {
-                for (k, r) in self.one_by_one(&group).into_iter().enumerate() {
+                for (k, r) in self.one_by_one(&group, seqs).into_iter().enumerate() {
                     results[valid[k]] = r;
                 }
             }
@@ -296,7 +307,7 @@ impl Writer {
     /// The fallback after a group failed for one of its batches: each batch
     /// in its own transaction. A session whose batch failed gets the same
     /// error for its later batches (committing them would leave a gap).
-    fn one_by_one(&mut self, group: &[&AppendBatch]) -> Vec<Result<(), StoreError>> {
+    fn one_by_one(&mut self, group: &[&AppendBatch], seqs: &mut SeqCache) -> Vec<Result<(), StoreError>> {
         let mut failed: HashMap<&str, StoreError> = HashMap::new();
         let mut results = Vec::with_capacity(group.len());
         for batch in group {
@@ -307,7 +318,7 @@ impl Writer {
             }
             let outcome = match self.connection() {
                 Some(conn) => {
-                    commit_group(conn, std::slice::from_ref(batch)).map_err(StorageError::from)
+                    commit_group(conn, std::slice::from_ref(batch), seqs).map_err(StorageError::from)
                 }
                 None => Err(StorageError::Unavailable("no connection".to_owned())),
             };

@@ -3,8 +3,9 @@
 -- ids are UUID text, JSON is text and instants are BIGINT milliseconds.
 
 -- One row per session; `status` and its columns are updated in the same
--- transaction as the events that change it. `last_seq` equals MAX(events.seq)
--- of the session (the writer checks it to keep seqs without gaps).
+-- transaction as the events that change it. The last seq of a session is
+-- MAX(events.seq), read through the primary key: the hot path updates no
+-- session row per message.
 CREATE TABLE sessions (
     id                TEXT PRIMARY KEY NOT NULL,
     topic             TEXT NOT NULL,
@@ -19,8 +20,7 @@ CREATE TABLE sessions (
     agent_kind        TEXT,
     assigned_at_ms    BIGINT,
     ended_reason      TEXT,
-    ended_at_ms       BIGINT,
-    last_seq          BIGINT NOT NULL DEFAULT 0
+    ended_at_ms       BIGINT
 );
 CREATE INDEX sessions_status_idx ON sessions (status);
 
