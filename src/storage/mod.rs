@@ -125,6 +125,7 @@ struct Inner {
     backend: Backend,
     opts: DbOptions,
     events: Arc<SqlEventStore>,
+    _alive: Arc<()>,
 }
 
 impl std::fmt::Debug for Database {
@@ -181,8 +182,13 @@ impl Database {
             Backend::Postgres => opts.pg_writers,
             Backend::Sqlite => 1,
         };
-        let writer = WriterHandle::spawn(manager, limits, writers)
+        let writer = WriterHandle::spawn(manager.clone(), limits, writers)
             .map_err(|e| StorageError::internal(format!("cannot start the event writer: {e}")))?;
+        // The checkpointer runs while any clone of this `Database` lives.
+        let alive = Arc::new(());
+        if backend == Backend::Sqlite {
+            spawn_checkpointer(manager, Arc::downgrade(&alive))?;
+        }
         let events = Arc::new(SqlEventStore::new(
             pool.clone(),
             opts.connect_timeout,
@@ -194,6 +200,7 @@ impl Database {
                 backend,
                 opts,
                 events,
+                _alive: alive,
             }),
         })
     }
@@ -278,4 +285,31 @@ where
     tokio::task::spawn_blocking(move || span.in_scope(|| with_conn(&pool, timeout, f)))
         .await
         .map_err(|e| StorageError::internal(format!("database task failed: {e}")))?
+}
+
+/// SQLite's WAL checkpoints, off the commit path: a thread with its own
+/// connection folds the WAL back into the database every 500 ms (PASSIVE:
+/// never blocks the writer). Left to `wal_autocheckpoint`, a commit now and
+/// then would also copy and fsync the database file before its ack.
+fn spawn_checkpointer(manager: ConnManager, alive: std::sync::Weak<()>) -> Result<(), StorageError> {
+    use diesel::connection::SimpleConnection;
+    std::thread::Builder::new()
+        .name("duet-db-checkpoint".to_owned())
+        .spawn(move || {
+            let mut conn = None;
+            while alive.upgrade().is_some() {
+                std::thread::sleep(Duration::from_millis(500));
+                if conn.is_none() {
+                    conn = manager.open().ok();
+                }
+                if let Some(c) = conn.as_mut() {
+                    if let Err(e) = c.batch_execute("PRAGMA wal_checkpoint(PASSIVE)") {
+                        tracing::warn!(error = %e, "WAL checkpoint failed");
+                        conn = None;
+                    }
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| StorageError::internal(format!("cannot start the checkpointer: {e}")))
 }

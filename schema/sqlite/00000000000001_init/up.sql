@@ -37,7 +37,9 @@ CREATE TABLE events (
     client_key TEXT,
     PRIMARY KEY (session_id, seq),
     UNIQUE (session_id, client_key)
-) WITHOUT ROWID; -- clustered by (session_id, seq): one B-tree less to write per commit
+);
+-- Not WITHOUT ROWID: clustered by (session_id, seq), rows of many sessions
+-- would land on many pages per commit; appended by rowid they share one.
 
 CREATE TABLE admins (
     id            TEXT PRIMARY KEY NOT NULL,
