@@ -5,7 +5,7 @@
 #
 # For each backend: a fresh duet (release build) in a scratch folder with a
 # fresh database, DUET_RATE_LIMITS=off, loopback only. Runs:
-#   idle   N=${IDLE_N:-10000} waiting customers: server RSS per customer
+#   idle   N=${IDLE_N:-10000} waiting customers: server RSS per customer (0: skip)
 #   relay  ${PAIRS:-200} pairs x 10 msg/s for ${SECS:-30} s: latency, CPU per message
 #   probe  ${PAIRS:-200} pairs x 50 msg/s (10,000 msg/s offered)
 # and appends one JSON line per run to ${OUT:-bench-results.jsonl}.
@@ -23,8 +23,10 @@ PG_SERVER=${PG_SERVER:-postgres://postgres@127.0.0.1:5432}
 PORT=${PORT:-18180}
 
 cargo build --release -p duet -p duet-loadgen >/dev/null
-DUET=$ROOT/target/release/duet
+# DUET_BIN: another duet build to measure (e.g. a baseline), same load generator.
+DUET=${DUET_BIN:-$ROOT/target/release/duet}
 LG=$ROOT/target/release/duet-loadgen
+LABEL=${LABEL:-duet}
 STARTED=()
 SCRATCH=()
 cleanup() {
@@ -69,17 +71,19 @@ db_pids() { if [ "$1" = postgres ]; then echo "--db-pids auto-postgres"; fi; }
 
 PG_DBS=()
 for backend in "${BACKENDS[@]}"; do
-    echo "== $backend: idle $IDLE_N"
-    start_duet "$backend"
-    "$LG" idle --url "http://127.0.0.1:$PORT" --n "$IDLE_N" --hold 10 --pids "$DUET_PID" --label "duet-$backend" --out "$OUT" >/dev/null
-    stop_duet
+    if [ "$IDLE_N" -gt 0 ]; then
+        echo "== $backend: idle $IDLE_N"
+        start_duet "$backend"
+        "$LG" idle --url "http://127.0.0.1:$PORT" --n "$IDLE_N" --hold 10 --pids "$DUET_PID" --label "$LABEL-$backend" --out "$OUT" >/dev/null
+        stop_duet
+    fi
     for rate in 10 50; do
         echo "== $backend: relay $PAIRS pairs x $rate msg/s"
         start_duet "$backend"
         tf=$(tokens "$PAIRS")
         # shellcheck disable=SC2046
         "$LG" relay --url "http://127.0.0.1:$PORT" --tokens-file "$tf" --pairs "$PAIRS" --rate "$rate" --seconds "$SECS" \
-            --pids "$DUET_PID" $(db_pids "$backend") --label "duet-$backend-$rate" --out "$OUT" >/dev/null
+            --pids "$DUET_PID" $(db_pids "$backend") --label "$LABEL-$backend-$rate" --out "$OUT" >/dev/null
         stop_duet
     done
 done
