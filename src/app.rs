@@ -17,7 +17,7 @@ use duet_actors::settings::{Deps, Settings};
 use duet_actors::RegistryActor;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
-use crate::auth::{LogNotifier, Notifier};
+use crate::auth::{LogNotifier, NoDelivery, Notifier};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::storage::{Database, DbOptions};
@@ -125,6 +125,8 @@ impl EventStore for MeteredStore {
             match &res {
                 Ok(()) => {
                     metrics.events_stored.inc_by(n);
+                    metrics.store_batches.inc();
+                    metrics.store_batch_events.observe(n as f64);
                 }
                 Err(_) => {
                     metrics.store_failures.inc();
@@ -178,13 +180,15 @@ pub async fn build_state(config: Config, db: Database) -> anyhow::Result<Arc<App
     }
     let deps = Deps { store, queue, registry, settings };
     let limits = Limits::new(config.rate_limits);
+    // The log fallback exists in development only (PROTOCOL.md).
+    let notifier: Box<dyn Notifier> = if config.is_production() { Box::new(NoDelivery) } else { Box::new(LogNotifier) };
     let state = Arc::new(AppState {
         config,
         db,
         deps,
         metrics,
         limits,
-        notifier: Box::new(LogNotifier),
+        notifier,
         conns: parking_lot::Mutex::new(std::collections::HashMap::new()),
         db_ok: AtomicBool::new(true),
     });

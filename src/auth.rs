@@ -58,7 +58,8 @@ pub fn agent_info(admin: &AdminRow) -> AgentInfo {
 
 /// Where one-time codes go.
 pub trait Notifier: Send + Sync {
-    fn send_code(&self, admin: &AdminRow, code: &str);
+    /// Hands the code over for delivery; `false` when it cannot be sent.
+    fn send_code(&self, admin: &AdminRow, code: &str) -> bool;
 }
 
 /// Development only (refused in production by `Config::validate`): the code
@@ -67,8 +68,21 @@ pub trait Notifier: Send + Sync {
 pub struct LogNotifier;
 
 impl Notifier for LogNotifier {
-    fn send_code(&self, admin: &AdminRow, code: &str) {
+    fn send_code(&self, admin: &AdminRow, code: &str) -> bool {
         tracing::info!(admin_id = %admin.id, code = %code, "one-time code (development: no notifier configured)");
+        true
+    }
+}
+
+/// Production until durable delivery (Telegram, webhook through the job
+/// queue) lands: codes are never logged, so none can be sent; admins sign in
+/// with `duet admin token`. The request answers `unavailable`.
+pub struct NoDelivery;
+
+impl Notifier for NoDelivery {
+    fn send_code(&self, admin: &AdminRow, _code: &str) -> bool {
+        tracing::warn!(admin_id = %admin.id, "one-time code requested, but code delivery is not available yet");
+        false
     }
 }
 

@@ -46,6 +46,13 @@ pub struct Metrics {
     pub agents: Gauge,
     pub agents_available: Gauge,
     pub db_up: Gauge,
+    pub db_pool_connections: Gauge,
+    pub db_pool_idle: Gauge,
+    pub db_writer_queue: Gauge,
+    /// Group commits and the batches in them, totals read from the writer
+    /// (their ratio is the grouping achieved).
+    pub db_commits: Gauge,
+    pub db_batches: Gauge,
     pub otp_requests: Counter,
     pub otp_failures: Counter,
 }
@@ -74,6 +81,11 @@ impl Metrics {
             agents: Gauge::default(),
             agents_available: Gauge::default(),
             db_up: Gauge::default(),
+            db_pool_connections: Gauge::default(),
+            db_pool_idle: Gauge::default(),
+            db_writer_queue: Gauge::default(),
+            db_commits: Gauge::default(),
+            db_batches: Gauge::default(),
             otp_requests: Counter::default(),
             otp_failures: Counter::default(),
             registry: Registry::default(),
@@ -86,10 +98,10 @@ impl Metrics {
         registry.register("slow_consumers", "Connections closed because they stopped reading", m.slow_consumers.clone());
         registry.register("upgrades_refused", "WebSocket upgrades refused (origin, auth, limits)", m.upgrades_refused.clone());
         registry.register("events_stored", "Session events committed to the database", m.events_stored.clone());
-        registry.register("store_batches", "Group commits", m.store_batches.clone());
+        registry.register("store_batches", "Session batches stored", m.store_batches.clone());
         registry.register("store_failures", "Group commits that failed", m.store_failures.clone());
-        registry.register("store_batch_events", "Events per group commit", m.store_batch_events.clone());
-        registry.register("store_commit_seconds", "Time of one group commit", m.store_commit_seconds.clone());
+        registry.register("store_batch_events", "Events per session batch", m.store_batch_events.clone());
+        registry.register("store_commit_seconds", "From a batch handed to storage to its commit", m.store_commit_seconds.clone());
         registry.register("relay_seconds", "Client frame in to event out to the other side", m.relay_seconds.clone());
         registry.register("queue_waiting", "Customers waiting, per topic", m.queue_waiting.clone());
         registry.register("queue_longest_wait_seconds", "Longest current wait, per topic", m.queue_longest_wait.clone());
@@ -98,6 +110,11 @@ impl Metrics {
         registry.register("agents", "Agents signed in on this node", m.agents.clone());
         registry.register("agents_available", "Agents available for customers on this node", m.agents_available.clone());
         registry.register("db_up", "1 when the database answered the last check", m.db_up.clone());
+        registry.register("db_pool_connections", "Open connections of the read pool", m.db_pool_connections.clone());
+        registry.register("db_pool_idle", "Idle connections of the read pool", m.db_pool_idle.clone());
+        registry.register("db_writer_queue", "Append batches waiting for a writer", m.db_writer_queue.clone());
+        registry.register("db_group_commits", "Group commits so far (a total)", m.db_commits.clone());
+        registry.register("db_group_batches", "Session batches in those commits (a total)", m.db_batches.clone());
         registry.register("otp_requests", "One-time codes requested", m.otp_requests.clone());
         registry.register("otp_failures", "One-time codes refused", m.otp_failures.clone());
         Metrics { registry, ..m }
@@ -105,7 +122,12 @@ impl Metrics {
 
     /// Copies the registry's figures into the gauges, then renders the text
     /// format.
-    pub fn render(&self, stats: &NodeStats) -> String {
+    pub fn render(&self, stats: &NodeStats, db: &crate::storage::DbStats) -> String {
+        self.db_pool_connections.set(i64::from(db.pool_connections));
+        self.db_pool_idle.set(i64::from(db.pool_idle));
+        self.db_writer_queue.set(db.writer_queue as i64);
+        self.db_commits.set(db.writer_commits as i64);
+        self.db_batches.set(db.writer_batches as i64);
         self.sessions_live.set(stats.live_sessions as i64);
         self.sessions_served.set(stats.served_sessions as i64);
         self.agents.set(stats.agents as i64);
@@ -145,7 +167,7 @@ mod tests {
         let m = Metrics::new();
         m.events_stored.inc();
         let stats = NodeStats { queues: vec![(Arc::from("support"), 3, 12)], ..Default::default() };
-        let text = m.render(&stats);
+        let text = m.render(&stats, &crate::storage::DbStats::default());
         assert!(text.contains("duet_events_stored_total 1"), "{text}");
         assert!(text.contains("duet_queue_waiting{topic=\"support\"} 3"), "{text}");
         assert!(text.trim_end().ends_with("# EOF"));

@@ -12,12 +12,15 @@
 //! - [`registry::RegistryActor`]: one per node; finds, restores and recovers
 //!   sessions, hands out customers, pushes queue positions and the dashboard.
 //! - [`outbound`]: the bounded, ordered path from an actor to a socket.
+//! - [`memory_store::MemoryEventStore`]: the event log in process (tests,
+//!   embeddings without a database).
 //!
 //! This crate knows no JSON, SQL, Redis or HTTP; `cargo tree` in CI keeps it so.
 
 pub mod agent;
 pub mod domain;
 pub mod error;
+pub mod memory_store;
 pub mod outbound;
 pub mod ports;
 pub mod queue;
@@ -25,6 +28,9 @@ pub mod registry;
 pub mod session;
 pub mod settings;
 pub mod views;
+
+#[cfg(test)]
+mod tests;
 
 pub use agent::AgentActor;
 pub use registry::RegistryActor;

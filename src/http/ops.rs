@@ -51,5 +51,5 @@ pub async fn metrics(req: HttpRequest, state: web::Data<AppState>) -> Result<Htt
     let stats = state.deps.registry.send(GetStats).await.map_err(|_| HttpError::Internal)?;
     Ok(HttpResponse::Ok()
         .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
-        .body(state.metrics.render(&stats)))
+        .body(state.metrics.render(&stats, &state.db.stats())))
 }

@@ -100,7 +100,7 @@ impl Default for DbOptions {
 }
 
 /// Figures for metrics, read when scraped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DbStats {
     pub pool_connections: u32,
     pub pool_idle: u32,

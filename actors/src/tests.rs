@@ -1,0 +1,117 @@
+//! The actors against the in-process ports: numbering, idempotency, failed
+//! batches, and supervision (one session's panic leaves the others alone).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+
+use crate::domain::{ClientRef, Mode};
+use crate::error::ActorError;
+use crate::memory_store::MemoryEventStore;
+use crate::outbound::{ConnHandle, ConnInbox, Outbound};
+use crate::queue::MemoryQueue;
+use crate::registry::FindSession;
+use crate::session::{Crash, CustomerCmd, FromCustomer, JoinRequest, SessionActor};
+use crate::settings::{Deps, Settings};
+use crate::RegistryActor;
+
+fn deps(store: Arc<MemoryEventStore>) -> Deps {
+    let settings = Arc::new(Settings::default());
+    let queue = Arc::new(MemoryQueue::new());
+    let registry = RegistryActor::new(store.clone(), queue.clone(), settings.clone()).start();
+    Deps { store, queue, registry, settings }
+}
+
+fn cref(n: u32) -> ClientRef {
+    ClientRef(Arc::from(n.to_string()))
+}
+
+async fn next(inbox: &mut ConnInbox) -> Outbound {
+    tokio::time::timeout(Duration::from_secs(5), inbox.recv())
+        .await
+        .ok()
+        .flatten()
+        .expect("a frame within 5 s")
+}
+
+/// The answer to `r` (ack seq, or the error), skipping other frames.
+async fn answer(inbox: &mut ConnInbox, r: u32) -> Result<Option<i64>, ActorError> {
+    let want = cref(r);
+    loop {
+        match next(inbox).await {
+            Outbound::Ack { client_ref, seq, .. } if client_ref == want => return Ok(seq),
+            Outbound::Error { client_ref: Some(c), error } if c == want => return Err(error),
+            _ => {}
+        }
+    }
+}
+
+async fn joined(deps: &Deps, conn_id: u64) -> (Addr<SessionActor>, ConnHandle, ConnInbox, crate::domain::SessionId) {
+    let (conn, mut inbox) = ConnHandle::channel(conn_id, 64);
+    let join = JoinRequest { name: Arc::from("Bob"), topic: Arc::from("support"), mode: Mode::Human };
+    let (id, addr) = SessionActor::open(deps.clone(), join, conn.clone(), Some(cref(1)));
+    assert_eq!(answer(&mut inbox, 1).await, Ok(Some(1)));
+    (addr, conn, inbox, id)
+}
+
+fn say(conn: &ConnHandle, r: u32) -> FromCustomer {
+    FromCustomer { conn: conn.clone(), cmd: CustomerCmd::Say { text: Arc::from("hi"), client_ref: Some(cref(r)) } }
+}
+
+#[actix::test]
+async fn seqs_have_no_gaps_and_refs_are_stored_once() {
+    let store = Arc::new(MemoryEventStore::new());
+    let deps = deps(store.clone());
+    let (addr, conn, mut inbox, id) = joined(&deps, 1).await;
+    addr.do_send(say(&conn, 2));
+    addr.do_send(say(&conn, 3));
+    addr.do_send(say(&conn, 2));
+    // The re-sent ref 2 arrives while the first copy is being stored: both
+    // are answered when it is, with the same seq.
+    let mut acks = Vec::new();
+    while acks.len() < 3 {
+        if let Outbound::Ack { client_ref, seq, .. } = next(&mut inbox).await {
+            acks.push((client_ref.0.to_string(), seq));
+        }
+    }
+    acks.sort();
+    let s = |r: &str, q: i64| (r.to_owned(), Some(q));
+    assert_eq!(acks, vec![s("2", 2), s("2", 2), s("3", 3)], "a re-sent ref keeps its seq");
+    let seqs: Vec<i64> = store.events(&id).iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3]);
+}
+
+#[actix::test]
+async fn a_failed_batch_is_refused_and_its_seq_reused_without_a_gap() {
+    let store = Arc::new(MemoryEventStore::new());
+    let deps = deps(store.clone());
+    let (addr, conn, mut inbox, id) = joined(&deps, 1).await;
+    store.fail_next(1);
+    addr.do_send(say(&conn, 2));
+    assert!(matches!(answer(&mut inbox, 2).await, Err(ActorError::Unavailable { .. })));
+    addr.do_send(say(&conn, 2));
+    assert_eq!(answer(&mut inbox, 2).await, Ok(Some(2)), "the retry is stored, at the next seq");
+    let seqs: Vec<i64> = store.events(&id).iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![1, 2]);
+}
+
+#[actix::test]
+async fn a_panicking_session_leaves_the_others_alone_and_comes_back_from_storage() {
+    let store = Arc::new(MemoryEventStore::new());
+    let deps = deps(store.clone());
+    let (crashing, _c1, _i1, crashed_id) = joined(&deps, 1).await;
+    let (other, conn, mut inbox, _) = joined(&deps, 2).await;
+    crashing.do_send(Crash);
+    for _ in 0..100 {
+        if !crashing.connected() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!crashing.connected(), "the crashed actor is gone");
+    other.do_send(say(&conn, 2));
+    assert_eq!(answer(&mut inbox, 2).await, Ok(Some(2)), "the other session carries on");
+    let restored = deps.registry.send(FindSession { id: crashed_id }).await.expect("registry answers");
+    assert!(restored.is_some_and(|a| a.connected()), "the crashed session is restored from storage");
+}
