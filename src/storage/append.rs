@@ -79,6 +79,9 @@ pub(super) fn validate(batch: &AppendBatch) -> Result<(), String> {
     Ok(())
 }
 
+/// The last seq each session of a group reaches once the group is stored.
+type Reached = HashMap<Arc<str>, i64>;
+
 /// The last stored seq of each session this writer has written, so that
 /// continuing a log needs no query. An entry is dropped when its session
 /// ends, and whenever a write of it failed (then storage is asked again).
@@ -102,7 +105,7 @@ impl SeqCache {
 
     /// Which batches continue their logs (a session's batches in a group
     /// must also follow each other), and the last seq each session reaches.
-    fn check(&mut self, c: &mut DbConn, batches: &[&AppendBatch]) -> QueryResult<(Vec<bool>, HashMap<Arc<str>, i64>)> {
+    fn check(&mut self, c: &mut DbConn, batches: &[&AppendBatch]) -> QueryResult<(Vec<bool>, Reached)> {
         let mut reached: HashMap<Arc<str>, i64> = HashMap::new();
         let mut broken: HashSet<&str> = HashSet::new();
         let mut ok = Vec::with_capacity(batches.len());
@@ -127,7 +130,7 @@ impl SeqCache {
     }
 
     /// After a commit: remember where each session is; forget ended ones.
-    fn committed(&mut self, batches: &[&AppendBatch], reached: HashMap<Arc<str>, i64>) {
+    fn committed(&mut self, batches: &[&AppendBatch], reached: Reached) {
         self.last.extend(reached);
         for b in batches {
             if matches!(b.change, Some(SessionChange::Status(SessionStatus::Ended { .. }))) {
