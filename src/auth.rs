@@ -60,6 +60,11 @@ pub fn agent_info(admin: &AdminRow) -> AgentInfo {
 pub trait Notifier: Send + Sync {
     /// Hands the code over for delivery; `false` when it cannot be sent.
     fn send_code(&self, admin: &AdminRow, code: &str) -> bool;
+    /// Whether codes can be delivered at all (asked before looking the admin
+    /// up, so the answer is the same for known and unknown ids).
+    fn can_deliver(&self) -> bool {
+        true
+    }
 }
 
 /// Development only (refused in production by `Config::validate`): the code
@@ -82,6 +87,10 @@ pub struct NoDelivery;
 impl Notifier for NoDelivery {
     fn send_code(&self, admin: &AdminRow, _code: &str) -> bool {
         tracing::warn!(admin_id = %admin.id, "one-time code requested, but code delivery is not available yet");
+        false
+    }
+
+    fn can_deliver(&self) -> bool {
         false
     }
 }

@@ -392,3 +392,27 @@ async fn security_headers_on_pages() {
         assert!(!html.contains("<script>") && !html.contains("onclick="), "{path}: no inline script");
     }
 }
+
+#[tokio::test]
+async fn production_never_logs_a_code_and_says_delivery_is_unavailable() {
+    let app = TestApp::spawn_with(Options {
+        env: vec![
+            ("DUET_ENV", "production".to_owned()),
+            ("DUET_ALLOWED_ORIGINS", "https://app.example".to_owned()),
+            ("DUET_NOTIFY_WEBHOOK_URL", "http://127.0.0.1:9/codes".to_owned()),
+        ],
+        ..Options::default()
+    })
+    .await;
+    add_admin(&app, "prod-admin");
+    for id in ["prod-admin", "nobody-here"] {
+        let (status, retry, body) = answer(post(&app, "/admin/otp/request", &json!({ "admin_id": id })).await).await;
+        assert_eq!(status, 503, "{id}: {body}");
+        assert!(retry.is_some(), "{id}: Retry-After");
+        assert_error(&body, "unavailable");
+    }
+    assert!(logged_codes(&app, "prod-admin").is_empty(), "no code in the log: {}", app.logs());
+    // The operator's way in still works.
+    let token = app.admin_token("prod-admin");
+    assert_eq!(queues_status(&app, &[("Authorization", &format!("Bearer {token}"))]).await.0, 200);
+}
