@@ -331,21 +331,30 @@ impl Handler<AgentConnect> for RegistryActor {
     type Result = Addr<AgentActor>;
 
     fn handle(&mut self, msg: AgentConnect, ctx: &mut Context<Self>) -> Addr<AgentActor> {
-        msg.conn.push(Outbound::Dashboard(self.dashboard.clone()));
         self.dashboard_dirty = true;
-        if let Some(a) = self.agents.get(&msg.info.id).filter(|a| a.addr.connected()) {
-            a.addr.do_send(AttachAgentConn { conn: msg.conn });
-            return a.addr.clone();
-        }
-        let view = AgentView {
-            id: msg.info.id.clone(),
-            name: msg.info.name.clone(),
-            status: AgentStatus::Away,
-            session_id: None,
-            node: self.settings.node_id.clone(),
+        let conn = msg.conn.clone();
+        let addr = match self.agents.get(&msg.info.id).filter(|a| a.addr.connected()) {
+            Some(a) => {
+                a.addr.do_send(AttachAgentConn { conn: msg.conn });
+                a.addr.clone()
+            }
+            None => {
+                let view = AgentView {
+                    id: msg.info.id.clone(),
+                    name: msg.info.name.clone(),
+                    status: AgentStatus::Away,
+                    session_id: None,
+                    node: self.settings.node_id.clone(),
+                };
+                let addr = AgentActor::new(self.deps(ctx), msg.info, msg.conn).start();
+                self.agents.insert(view.id.clone(), AgentEntry { addr: addr.clone(), view });
+                addr
+            }
         };
-        let addr = AgentActor::new(self.deps(ctx), msg.info, msg.conn).start();
-        self.agents.insert(view.id.clone(), AgentEntry { addr: addr.clone(), view });
+        // The whole picture at once, this agent included (the cached one may
+        // predate the first push).
+        self.dashboard = Arc::new(self.build_dashboard());
+        conn.push(Outbound::Dashboard(self.dashboard.clone()));
         addr
     }
 }

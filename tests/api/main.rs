@@ -8,6 +8,7 @@
 mod support;
 
 mod conversation;
+mod dashboard;
 mod protocol_edges;
 mod races;
 mod resume;
