@@ -254,40 +254,23 @@ impl Writer {
             }
             return results;
         };
-        if let Some(plain) = commit_plain_group_pg(conn, &group, seqs) {
-            match plain.map_err(StorageError::from) {
-                Ok(stored) => {
-                    self.committed(stored.iter().filter(|s| **s).count());
-                    for (k, ok) in stored.into_iter().enumerate() {
-                        results[valid[k]] = if ok {
-                            Ok(())
-                        } else {
-                            tracing::warn!(session_id = %group[k].session_id, "append refused: seq does not continue the stored log");
-                            Err(StoreError::Conflict("seq does not continue the stored log".to_owned()))
-                        };
+        // Plain PostgreSQL groups answer per batch; the general path stores
+        // all or nothing.
+        let outcome = match commit_plain_group_pg(conn, &group, seqs) {
+            Some(plain) => plain,
+            None => commit_group(conn, &group, seqs).map(|()| vec![true; group.len()]),
+        }
+        .map_err(StorageError::from);
+        match outcome {
+            Ok(stored) => {
+                self.committed(stored.iter().filter(|s| **s).count());
+                for (k, ok) in stored.into_iter().enumerate() {
+                    if !ok {
+                        tracing::warn!(session_id = %group[k].session_id, "append refused: seq does not continue the stored log");
+                        results[valid[k]] = Err(StoreError::Conflict("seq does not continue the stored log".to_owned()));
                     }
-                    return results;
-                }
-                Err(e) if matches!(e, StorageError::Unavailable(_)) => {
-                    self.after_failure(&e);
-                    let e = StoreError::from(e);
-                    for &i in &valid {
-                        results[i] = Err(e.clone());
-                    }
-                    return results;
-                }
-                // A unique key refused the statement: find the batch at fault.
-                Err(_) => {
-                    for (k, r) in self.one_by_one(&group, seqs).into_iter().enumerate() {
-                        results[valid[k]] = r;
-                    }
-                    return results;
                 }
             }
-        }
-        let outcome = commit_group(conn, &group, seqs).map_err(StorageError::from);
-        match outcome {
-            Ok(()) => self.committed(group.len()),
             Err(e) if group.len() == 1 || matches!(e, StorageError::Unavailable(_)) => {
                 self.after_failure(&e);
                 let e = StoreError::from(e);
@@ -295,6 +278,7 @@ impl Writer {
                     results[i] = Err(e.clone());
                 }
             }
+            // One batch refused the group (a unique key): find it.
             Err(_) => {
                 for (k, r) in self.one_by_one(&group, seqs).into_iter().enumerate() {
                     results[valid[k]] = r;
