@@ -8,7 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::{Actor, Addr};
-use actix_web::{web, App, HttpServer};
+use actix_codec::Framed;
+use actix_http::{h1, HttpService, Request};
+use actix_service::{fn_service, map_config, ServiceFactoryExt as _};
+use actix_web::dev::AppConfig;
+use actix_web::{web, App};
 use duet_actors::error::ActorError;
 use duet_actors::ports::{AppendBatch, EventStore, PortFuture, SessionSnapshot};
 use duet_actors::queue::MemoryQueue;
@@ -224,24 +228,54 @@ fn spawn_housekeeping(state: Arc<AppState>) {
     });
 }
 
+/// The listening socket, bound here (not by actix) so the address is known
+/// before the server runs, even for port 0.
+fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
 /// Binds and runs the HTTP server; returns when it stopped.
+///
+/// Not `actix_web::HttpServer`: that one offers no hook for upgrades, so a
+/// WebSocket would stay inside the HTTP/1 dispatcher and keep its buffers
+/// for life. Built from the same parts (actix-server, actix-http's
+/// `HttpService`, the actix-web `App`), plus the `upgrade` service that
+/// takes WebSocket streams over (src/ws/socket.rs says why).
 pub async fn serve(state: Arc<AppState>) -> anyhow::Result<()> {
-    let bind = state.config.bind;
-    let workers = state.config.workers;
+    let listener = listen(state.config.bind)?;
+    let shown = listener.local_addr()?;
     let data = web::Data::from(state.clone());
-    let server = HttpServer::new(move || {
-        App::new()
-            .app_data(data.clone())
-            .configure(crate::http::configure)
-    })
-    .workers(workers)
-    .backlog(4096)
-    .max_connections(100_000)
-    .shutdown_timeout(5)
-    .disable_signals()
-    .bind(bind)?;
-    let addrs: Vec<SocketAddr> = server.addrs();
-    let shown = addrs.first().copied().unwrap_or(bind);
+    let factory_state = state.clone();
+    let server = actix_server::Server::build()
+        .workers(state.config.workers)
+        .backlog(4096)
+        .max_concurrent_connections(100_000)
+        .shutdown_timeout(5)
+        .disable_signals()
+        .listen("duet-http", listener, move || {
+            let upgrade_state = factory_state.clone();
+            let app = App::new().app_data(data.clone()).configure(crate::http::configure);
+            HttpService::build()
+                .local_addr(shown)
+                .upgrade(fn_service(move |(req, framed): (Request, Framed<actix_web::rt::net::TcpStream, h1::Codec>)| {
+                    let state = upgrade_state.clone();
+                    async move {
+                        crate::ws::upgrade(req, framed, state).await;
+                        Ok::<(), std::convert::Infallible>(())
+                    }
+                }))
+                .finish(map_config(
+                    actix_service::IntoServiceFactory::into_factory(app).map_err(|e: actix_web::Error| e.error_response()),
+                    |_| AppConfig::default(),
+                ))
+                .tcp()
+        })?;
     let base = format!("http://{shown}");
     tracing::info!(node = %state.config.node_id, bind = %shown, "duet is listening");
     println!("duet {} listening on {base} — demo client {base}/  admin panel {base}/admin  health {base}/health  metrics {base}/metrics", env!("CARGO_PKG_VERSION"));

@@ -7,8 +7,8 @@
 
 use std::sync::Arc;
 
-use actix_web::http::header;
-use actix_web::HttpRequest;
+use actix_web::cookie::Cookie;
+use actix_web::http::header::{self, HeaderMap};
 use duet_actors::domain::{hash_secret, now_ms, AgentInfo, AgentKind};
 use rand::Rng;
 
@@ -30,8 +30,8 @@ pub fn new_code() -> String {
 
 /// The token a request presents: `Authorization: Bearer …` first, then the
 /// session cookie.
-pub fn presented_token(req: &HttpRequest, cfg: &Config) -> Option<String> {
-    if let Some(v) = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+pub fn presented_token(headers: &HeaderMap, cfg: &Config) -> Option<String> {
+    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
         if let Some(t) = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")) {
             let t = t.trim();
             if !t.is_empty() {
@@ -39,12 +39,20 @@ pub fn presented_token(req: &HttpRequest, cfg: &Config) -> Option<String> {
             }
         }
     }
-    req.cookie(cfg.cookie_name()).map(|c| c.value().to_owned()).filter(|v| !v.is_empty())
+    let name = cfg.cookie_name();
+    headers
+        .get_all(header::COOKIE)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| Cookie::parse(pair.trim()).ok())
+        .find(|c| c.name() == name)
+        .map(|c| c.value().to_owned())
+        .filter(|v| !v.is_empty())
 }
 
 /// The signed-in admin behind a request, or `unauthorized`.
-pub async fn require_admin(req: &HttpRequest, cfg: &Config, db: &Database) -> Result<(AdminRow, String), HttpError> {
-    let token = presented_token(req, cfg).ok_or(HttpError::Unauthorized("sign in first"))?;
+pub async fn require_admin(headers: &HeaderMap, cfg: &Config, db: &Database) -> Result<(AdminRow, String), HttpError> {
+    let token = presented_token(headers, cfg).ok_or(HttpError::Unauthorized("sign in first"))?;
     let hash = hash_secret(&token);
     match db.admin_session(&hash, now_ms()).await? {
         Some((admin, _)) => Ok((admin, hash)),

@@ -1,7 +1,7 @@
 //! What actors send towards a client connection, and the handle they send it
 //! through.
 //!
-//! The socket itself lives in `src/ws` (it is an actix-ws session, and the
+//! The socket itself lives in `src/ws` (it owns the TCP stream, and the
 //! actors crate knows no actix-web). Each connection has one writer that
 //! drains a bounded channel in order, so frames leave in the order the actors
 //! produced them. A full channel means the client stopped reading: the
@@ -100,9 +100,6 @@ struct Shared {
     closed: AtomicBool,
 }
 
-/// Keep at most this many slots allocated once a burst has drained.
-const IDLE_SLOTS: usize = 8;
-
 impl Shared {
     fn gone(&self) -> bool {
         self.killed.load(Ordering::Acquire) || self.closed.load(Ordering::Acquire)
@@ -129,20 +126,31 @@ impl ConnInbox {
             let notified = self.shared.ready.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            {
-                let mut q = self.shared.frames.lock();
-                if let Some(f) = q.pop_front() {
-                    if q.is_empty() && q.capacity() > IDLE_SLOTS {
-                        q.shrink_to(IDLE_SLOTS);
-                    }
-                    drop(q);
-                    self.shared.room.notify_one();
-                    return Some(f);
-                }
+            if let Some(f) = pop(&self.shared) {
+                return Some(f);
             }
             notified.await;
         }
     }
+
+    /// The next frame if one is queued, without waiting (the socket drains
+    /// a burst this way and writes it with one call).
+    pub fn try_recv(&mut self) -> Option<Outbound> {
+        pop(&self.shared)
+    }
+}
+
+fn pop(shared: &Shared) -> Option<Outbound> {
+    let mut q = shared.frames.lock();
+    let f = q.pop_front()?;
+    if q.is_empty() {
+        // Most sockets are idle most of the time: hold no slots then (the
+        // next burst allocates again, which costs less than keeping them).
+        *q = VecDeque::new();
+    }
+    drop(q);
+    shared.room.notify_one();
+    Some(f)
 }
 
 impl Drop for ConnInbox {

@@ -7,7 +7,7 @@ use duet_actors::registry::GetDashboard;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::client_ip::client_ip;
+use super::client_ip::request_ip;
 use super::error::HttpError;
 use crate::app::AppState;
 use crate::auth;
@@ -37,7 +37,7 @@ fn admin_id(v: &serde_json::Value) -> Result<String, HttpError> {
 /// only to a known, enabled admin.
 pub async fn otp_request(req: HttpRequest, body: web::Json<OtpRequest>, state: web::Data<AppState>) -> Result<HttpResponse, HttpError> {
     let id = admin_id(&body.admin_id)?;
-    state.limits.otp_request(client_ip(&req, &state.config.trusted_proxies), &id)?;
+    state.limits.otp_request(request_ip(&req, &state.config.trusted_proxies), &id)?;
     state.metrics.otp_requests.inc();
     if !state.notifier.can_deliver() {
         return Err(HttpError::Unavailable { message: "one-time codes cannot be delivered right now", retry_after_ms: 60_000 });
@@ -60,7 +60,7 @@ pub async fn otp_verify(req: HttpRequest, body: web::Json<OtpVerify>, state: web
         Some(c) if (4..=12).contains(&c.len()) && c.chars().all(|d| d.is_ascii_digit()) => c.to_owned(),
         _ => return Err(HttpError::BadRequest("`code` must be a string of digits".to_owned())),
     };
-    state.limits.otp_verify(client_ip(&req, &state.config.trusted_proxies))?;
+    state.limits.otp_verify(request_ip(&req, &state.config.trusted_proxies))?;
     match auth::check_code(&state.db, &id, &code).await? {
         OtpOutcome::Ok => {}
         OtpOutcome::Wrong | OtpOutcome::Expired => {
@@ -90,7 +90,7 @@ pub async fn otp_verify(req: HttpRequest, body: web::Json<OtpVerify>, state: web
 }
 
 pub async fn logout(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, HttpError> {
-    let (admin, hash) = auth::require_admin(&req, &state.config, &state.db).await?;
+    let (admin, hash) = auth::require_admin(req.headers(), &state.config, &state.db).await?;
     state.db.revoke_admin_session(&hash, now_ms()).await?;
     let _ = state.db.audit(&admin.id, "logout", "").await;
     let mut gone = Cookie::build(state.config.cookie_name(), "").path("/").http_only(true).secure(state.config.is_production()).finish();
@@ -99,7 +99,7 @@ pub async fn logout(req: HttpRequest, state: web::Data<AppState>) -> Result<Http
 }
 
 pub async fn queues(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, HttpError> {
-    auth::require_admin(&req, &state.config, &state.db).await?;
+    auth::require_admin(req.headers(), &state.config, &state.db).await?;
     let d = state.deps.registry.send(GetDashboard).await.map_err(|_| HttpError::Internal)?;
     Ok(HttpResponse::Ok().json(DashboardFrame::new("dashboard", &d)))
 }

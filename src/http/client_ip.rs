@@ -6,13 +6,19 @@
 
 use std::net::IpAddr;
 
-use actix_web::HttpRequest;
+use actix_web::http::header::HeaderMap;
 
 use crate::config::IpNet;
 
-pub fn client_ip(req: &HttpRequest, trusted: &[IpNet]) -> IpAddr {
-    let peer = req.peer_addr().map(|a| a.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0]));
-    from_parts(peer, req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()), trusted)
+/// `peer` is the TCP peer (unknown only for a socket without an address).
+pub fn client_ip(peer: Option<IpAddr>, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let peer = peer.unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    from_parts(peer, headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()), trusted)
+}
+
+/// The client behind an HTTP request.
+pub fn request_ip(req: &actix_web::HttpRequest, trusted: &[IpNet]) -> IpAddr {
+    client_ip(req.peer_addr().map(|a| a.ip()), req.headers(), trusted)
 }
 
 fn from_parts(peer: IpAddr, forwarded: Option<&str>, trusted: &[IpNet]) -> IpAddr {

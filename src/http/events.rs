@@ -37,10 +37,10 @@ fn number(name: &str, v: &Option<String>) -> Result<Option<i64>, HttpError> {
 
 /// Admin, or the session's resume token as a bearer token.
 async fn authorize(req: &HttpRequest, state: &AppState, id: &Arc<str>) -> Result<(), HttpError> {
-    if auth::require_admin(req, &state.config, &state.db).await.is_ok() {
+    if auth::require_admin(req.headers(), &state.config, &state.db).await.is_ok() {
         return Ok(());
     }
-    let token = auth::presented_token(req, &state.config).ok_or(HttpError::Unauthorized("sign in or present the session's resume token"))?;
+    let token = auth::presented_token(req.headers(), &state.config).ok_or(HttpError::Unauthorized("sign in or present the session's resume token"))?;
     let snap = state.deps.store.load_session(id).await.map_err(|_| HttpError::Unavailable { message: "the database is unavailable", retry_after_ms: 1000 })?;
     match snap {
         Some(s) if secret_matches(&token, &s.record.resume_token_hash) => Ok(()),

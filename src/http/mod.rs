@@ -48,8 +48,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/health", web::get().to(ops::health))
             .route("/ready", web::get().to(ops::ready))
             .route("/metrics", web::get().to(ops::metrics))
-            .route("/ws", web::get().to(crate::ws::customer))
-            .route("/admin/ws", web::get().to(crate::ws::agent))
+            // Upgrades never get here (src/ws takes them); a plain GET does.
+            .route("/ws", web::get().to(not_an_upgrade))
+            .route("/admin/ws", web::get().to(not_an_upgrade))
             .route("/admin/otp/request", web::post().to(admin::otp_request))
             .route("/admin/otp/verify", web::post().to(admin::otp_verify))
             .route("/admin/logout", web::post().to(admin::logout))
@@ -60,6 +61,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/static/{file}", web::get().to(pages::asset))
             .default_service(web::to(|| async { Err::<HttpResponse, _>(HttpError::NotFound("no such route")) })),
     );
+}
+
+async fn not_an_upgrade() -> Result<HttpResponse, HttpError> {
+    Err(HttpError::BadRequest("this path takes a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket)".to_owned()))
 }
 
 /// CORS for the origins in `DUET_ALLOWED_ORIGINS` only; a preflight from one

@@ -4,3 +4,6 @@
 pub mod decode;
 pub mod encode;
 pub mod event_json;
+
+#[cfg(test)]
+mod fuzz;

@@ -8,16 +8,16 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, ProtocolError, Session};
+use actix_http::ws::{CloseCode, CloseReason};
 use duet_actors::domain::ClientRef;
 use duet_actors::error::ActorError;
 use duet_actors::outbound::{ConnInbox, KillSignal, Outbound, CLOSE_SLOW_CONSUMER};
-use futures_util::StreamExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use std::num::NonZeroU32;
 use tracing::{debug, info};
 
 use crate::metrics::Metrics;
+use super::socket::{Incoming, ReadError, WsSocket};
 use crate::protocol::encode;
 
 /// What the loop does with a frame, decided by the socket's role.
@@ -56,91 +56,95 @@ fn frame_limiter() -> DefaultDirectRateLimiter {
     RateLimiter::direct(Quota::per_second(per_s).allow_burst(burst))
 }
 
+/// What handling one client message decided.
+enum Step {
+    Go,
+    /// End the connection, with this close frame (none: the peer is gone).
+    Close(Option<CloseReason>),
+}
+
+fn reason(code: CloseCode, text: &str) -> Option<CloseReason> {
+    Some(CloseReason { code, description: Some(text.to_owned()) })
+}
+
+/// Most frames taken from the inbox for one write: a replay of thousands
+/// goes out in slices, so a ping or a client frame is never held up long.
+const BURST_FRAMES: usize = 64;
+
 /// Runs until the socket closes; then tells the role.
-pub async fn run<R: Role>(mut session: Session, mut stream: AggregatedMessageStream, inbox: ConnInbox, mut role: R, limits: Limits, metrics: &Metrics) {
+pub async fn run<R: Role>(mut ws: WsSocket, mut inbox: ConnInbox, mut role: R, limits: Limits, metrics: &Metrics) {
     let mut ping = tokio::time::interval(limits.heartbeat);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await; // the first tick is immediate
     let mut last_pong = Instant::now();
-    let limiter = limits.rate_limits.then(frame_limiter);
-    let mut flood = 0u32;
+    let mut flood = Flood { limiter: limits.rate_limits.then(frame_limiter), count: 0 };
     let mut out: Vec<String> = Vec::new();
-    let mut inbox = inbox;
     let kill = inbox.kill.clone();
-    let close: Option<CloseReason> = loop {
+    let close: Option<CloseReason> = 'conn: loop {
+        // Everything already read is handled before waiting again.
+        loop {
+            match ws.buffered() {
+                Ok(None) => break,
+                Ok(Some(msg)) => {
+                    if let Step::Close(r) = on_message(msg, &mut ws, &mut role, &mut out, &mut flood, &mut last_pong, metrics).await {
+                        break 'conn r;
+                    }
+                }
+                Err(e) => {
+                    if e == ReadError::TooLarge {
+                        metrics.frames_rejected.inc();
+                    }
+                    debug!(error = ?e, "websocket input refused");
+                    break 'conn e.close_reason();
+                }
+            }
+        }
+        if ws.has_queued() && !flush(&mut ws, &kill).await {
+            break None;
+        }
         tokio::select! {
             biased;
             _ = kill.killed() => {
                 info!("closing a connection that stopped reading");
                 metrics.slow_consumers.inc();
-                break Some(CloseReason { code: CloseCode::from(CLOSE_SLOW_CONSUMER), description: Some("too slow; resume".into()) });
+                break reason(CloseCode::from(CLOSE_SLOW_CONSUMER), "too slow; resume");
             }
             frame = inbox.recv() => {
-                let Some(frame) = frame else { break None };
-                role.observe(&frame);
-                match &frame {
-                    Outbound::Close { code, reason } => {
-                        break Some(CloseReason { code: CloseCode::from(*code), description: Some((*reason).into()) });
-                    }
-                    other => {
-                        if let Some(text) = encode::encode(other) {
-                            if !write(&mut session, &kill, text).await { break None; }
+                let Some(first) = frame else { break None };
+                // Take the burst the actors queued: one write for all of it.
+                let mut next = Some(first);
+                let mut taken = 0;
+                while let Some(frame) = next.take() {
+                    role.observe(&frame);
+                    match &frame {
+                        Outbound::Close { code, reason: text } => break 'conn reason(CloseCode::from(*code), text),
+                        other => {
+                            if let Some(text) = encode::encode(other) {
+                                ws.queue_text(text);
+                            }
                         }
+                    }
+                    taken += 1;
+                    if taken < BURST_FRAMES {
+                        next = inbox.try_recv();
                     }
                 }
             }
-            msg = stream.next() => {
-                match msg {
-                    None => break None,
-                    Some(Err(ProtocolError::Overflow)) => {
-                        metrics.frames_rejected.inc();
-                        break Some(CloseReason { code: CloseCode::Size, description: Some("message too large".into()) });
-                    }
-                    Some(Err(e)) => {
-                        debug!(error = %e, "websocket protocol error");
-                        break Some(CloseReason { code: CloseCode::Protocol, description: None });
-                    }
-                    Some(Ok(AggregatedMessage::Pong(_))) => last_pong = Instant::now(),
-                    Some(Ok(AggregatedMessage::Ping(b))) => {
-                        if session.pong(&b).await.is_err() { break None; }
-                    }
-                    Some(Ok(AggregatedMessage::Close(_))) => break None,
-                    Some(Ok(m @ (AggregatedMessage::Text(_) | AggregatedMessage::Binary(_)))) => {
-                        if let Some(l) = &limiter {
-                            if l.check().is_err() {
-                                flood += 1;
-                                metrics.frames_rejected.inc();
-                                if flood > FLOOD_CLOSE_AFTER {
-                                    break Some(CloseReason { code: CloseCode::Policy, description: Some("rate limit".into()) });
-                                }
-                                let r = match &m { AggregatedMessage::Text(t) => R::ref_of(t), _ => None };
-                                let e = ActorError::RateLimited { message: "slow down: too many messages", retry_after_ms: 1000 };
-                                if !write(&mut session, &kill, encode::error_frame(r.as_ref(), &e)).await { break None; }
-                                continue;
-                            }
-                            flood = 0;
-                        }
-                        metrics.frames_in.inc();
-                        match m {
-                            AggregatedMessage::Text(t) => role.on_text(&t, &mut out).await,
-                            AggregatedMessage::Binary(b) => role.on_binary(b.len(), &mut out),
-                            _ => {}
-                        }
-                        let mut gone = false;
-                        for text in out.drain(..) {
-                            if !write(&mut session, &kill, text).await { gone = true; break; }
-                        }
-                        if gone { break None; }
-                    }
+            r = ws.readable() => {
+                if r.is_err() {
+                    break None;
+                }
+                if let Err(e) = ws.read_available() {
+                    break e.close_reason();
                 }
             }
             _ = ping.tick() => {
                 if last_pong.elapsed() > limits.heartbeat * 2 + limits.heartbeat / 2 {
                     info!("no pong for two heartbeats; dropping the connection");
                     metrics.heartbeat_drops.inc();
-                    break Some(CloseReason { code: CloseCode::Away, description: Some("heartbeat timeout".into()) });
+                    break reason(CloseCode::Away, "heartbeat timeout");
                 }
-                if session.ping(b"").await.is_err() { break None; }
+                ws.queue_ping();
             }
         }
     };
@@ -153,16 +157,72 @@ pub async fn run<R: Role>(mut session: Session, mut stream: AggregatedMessageStr
     });
     if let Some(reason) = close {
         // Best effort: a peer that stopped reading may never take it.
-        let _ = tokio::time::timeout(Duration::from_secs(1), session.close(Some(reason))).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(Some(reason))).await;
     }
 }
 
-/// Writes one text frame, giving up when the actors decided this client is
+struct Flood {
+    limiter: Option<DefaultDirectRateLimiter>,
+    /// Frames refused in a row.
+    count: u32,
+}
+
+/// One whole message from the client.
+async fn on_message<R: Role>(
+    msg: Incoming,
+    ws: &mut WsSocket,
+    role: &mut R,
+    out: &mut Vec<String>,
+    flood: &mut Flood,
+    last_pong: &mut Instant,
+    metrics: &Metrics,
+) -> Step {
+    match msg {
+        Incoming::Pong => *last_pong = Instant::now(),
+        Incoming::Ping(b) => ws.queue_pong(b),
+        // Echo the client's code (RFC 6455 5.5.1), then end.
+        Incoming::Close(r) => return Step::Close(Some(r.unwrap_or_else(|| CloseCode::Normal.into()))),
+        Incoming::Text(_) | Incoming::Binary(_) => {
+            if let Some(l) = &flood.limiter {
+                if l.check().is_err() {
+                    flood.count += 1;
+                    metrics.frames_rejected.inc();
+                    if flood.count > FLOOD_CLOSE_AFTER {
+                        return Step::Close(reason(CloseCode::Policy, "rate limit"));
+                    }
+                    let r = match &msg {
+                        Incoming::Text(t) => std::str::from_utf8(t).ok().and_then(R::ref_of),
+                        _ => None,
+                    };
+                    let e = ActorError::RateLimited { message: "slow down: too many messages", retry_after_ms: 1000 };
+                    ws.queue_text(encode::error_frame(r.as_ref(), &e));
+                    return Step::Go;
+                }
+                flood.count = 0;
+            }
+            metrics.frames_in.inc();
+            match msg {
+                Incoming::Text(t) => match std::str::from_utf8(&t) {
+                    Ok(text) => role.on_text(text, out).await,
+                    Err(_) => return Step::Close(reason(CloseCode::Invalid, "text frames must be UTF-8")),
+                },
+                Incoming::Binary(b) => role.on_binary(b.len(), out),
+                _ => {}
+            }
+            for text in out.drain(..) {
+                ws.queue_text(text);
+            }
+        }
+    }
+    Step::Go
+}
+
+/// Writes what is queued, giving up when the actors decided this client is
 /// too slow (so a stuck write never pins the loop).
-async fn write(session: &mut Session, kill: &KillSignal, text: String) -> bool {
+async fn flush(ws: &mut WsSocket, kill: &KillSignal) -> bool {
     tokio::select! {
         biased;
         _ = kill.killed() => false,
-        r = session.text(text) => r.is_ok(),
+        r = ws.flush() => r.is_ok(),
     }
 }

@@ -1,27 +1,39 @@
 //! WebSocket upgrades: `/ws` for customers, `/admin/ws` for agents.
 //!
-//! Origin, limits and (for agents) the admin session are checked before the
-//! upgrade, so a refused client gets a plain HTTP status and no socket.
+//! actix-http hands every `Upgrade: websocket` request to [`upgrade`] with
+//! the TCP stream (its HTTP/1 dispatcher and buffers are dropped then; see
+//! `socket.rs` for why). Origin, limits and (for agents) the admin session
+//! are checked before the handshake, so a refused client gets a plain HTTP
+//! status and no socket.
 
 pub mod agent;
 pub mod conn;
 pub mod customer;
+pub mod socket;
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_codec::Framed;
+use actix_http::body::BodySize;
+use actix_http::header::HeaderMap;
+use actix_http::{h1, ws as ws_proto, ConnectionType, Request, RequestHead};
+use actix_web::ResponseError;
 use duet_actors::outbound::ConnHandle;
 use duet_actors::registry::AgentConnect;
+use futures_util::SinkExt;
+use tokio::net::TcpStream;
 
 use crate::app::AppState;
 use crate::auth;
 use crate::http::client_ip::client_ip;
 use crate::http::error::HttpError;
 use crate::metrics::RoleLabel;
+use socket::{FrameReader, WsSocket};
 
 /// PROTOCOL.md: no `Origin` (a non-browser client) passes; a foreign one is 403.
-pub fn origin_allowed(req: &HttpRequest, allowed: &[String]) -> bool {
-    match req.headers().get(actix_web::http::header::ORIGIN) {
+pub fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    match headers.get(actix_http::header::ORIGIN) {
         None => true,
         Some(o) => o.to_str().map(|o| allowed.iter().any(|a| a.eq_ignore_ascii_case(o))).unwrap_or(false),
     }
@@ -36,12 +48,57 @@ fn hello(state: &AppState) -> String {
     )
 }
 
-fn precheck(req: &HttpRequest, state: &AppState) -> Result<std::net::IpAddr, HttpError> {
-    if !origin_allowed(req, &state.config.allowed_origins) {
+/// Which socket a path opens.
+#[derive(Clone, Copy)]
+enum Route {
+    Customer,
+    Agent,
+}
+
+/// The upgrade service: answers the handshake (or the refusal) and starts
+/// the connection's task. Never fails: every refusal is an HTTP answer.
+pub async fn upgrade(req: Request, framed: Framed<TcpStream, h1::Codec>, state: Arc<AppState>) {
+    let head = req.head();
+    let route = match head.uri.path() {
+        "/ws" => Route::Customer,
+        "/admin/ws" => Route::Agent,
+        _ => return refuse(framed, HttpError::NotFound("no such route")).await,
+    };
+    if let Err(e) = ws_proto::verify_handshake(head) {
+        return refuse(framed, HttpError::BadRequest(format!("not a WebSocket handshake: {e}"))).await;
+    }
+    let ip = match precheck(head, &state) {
+        Ok(ip) => ip,
+        Err(e) => return refuse(framed, e).await,
+    };
+    let agent = match route {
+        Route::Customer => None,
+        Route::Agent => match auth::require_admin(&head.headers, &state.config, &state.db).await {
+            Ok((admin, _)) => Some(auth::agent_info(&admin)),
+            Err(e) => {
+                state.metrics.upgrades_refused.inc();
+                return refuse(framed, e).await;
+            }
+        },
+    };
+    let Some(ws) = handshake(head, framed, state.config.max_message_bytes).await else { return };
+    let state_for_task = state.clone();
+    match agent {
+        None => {
+            let task = customer_conn(ws, ip, state_for_task);
+            tracing::trace!(bytes = std::mem::size_of_val(&task), "customer connection task size");
+            actix_web::rt::spawn(task)
+        }
+        Some(info) => actix_web::rt::spawn(agent_conn(ws, info, state_for_task)),
+    };
+}
+
+fn precheck(head: &RequestHead, state: &AppState) -> Result<IpAddr, HttpError> {
+    if !origin_allowed(&head.headers, &state.config.allowed_origins) {
         state.metrics.upgrades_refused.inc();
         return Err(HttpError::Forbidden("origin not allowed"));
     }
-    let ip = client_ip(req, &state.config.trusted_proxies);
+    let ip = client_ip(head.peer_addr.map(|a: SocketAddr| a.ip()), &head.headers, &state.config.trusted_proxies);
     state.limits.upgrade(ip).map_err(|e| {
         state.metrics.upgrades_refused.inc();
         HttpError::from(e)
@@ -49,73 +106,74 @@ fn precheck(req: &HttpRequest, state: &AppState) -> Result<std::net::IpAddr, Htt
     Ok(ip)
 }
 
+/// Sends `101 Switching Protocols` and takes the stream over; `None` when
+/// the client is already gone.
+async fn handshake(head: &RequestHead, mut framed: Framed<TcpStream, h1::Codec>, max: usize) -> Option<WsSocket> {
+    let res = ws_proto::handshake_response(head).finish().drop_body();
+    framed.send((res, BodySize::None).into()).await.ok()?;
+    let parts = framed.into_parts();
+    // Latency over bytes: each frame is a whole message.
+    let _ = parts.io.set_nodelay(true);
+    // Whatever the client sent right behind its request is already frames.
+    Some(WsSocket::new(parts.io, FrameReader::with_leftover(max, parts.read_buf)))
+}
+
+/// Answers the upgrade request with the error's status and JSON body and
+/// closes the connection.
+async fn refuse(mut framed: Framed<TcpStream, h1::Codec>, e: HttpError) {
+    let res: actix_http::Response<_> = e.error_response().into();
+    let (mut res, body) = res.into_parts();
+    let Ok(body) = actix_web::body::to_bytes(body).await else { return };
+    res.head_mut().set_connection_type(ConnectionType::Close);
+    let len = body.len() as u64;
+    let _ = framed.send((res.drop_body(), BodySize::Sized(len)).into()).await;
+    let _ = framed.send(h1::Message::Chunk(Some(body))).await;
+    let _ = framed.send(h1::Message::Chunk(None)).await;
+}
+
 fn limits(state: &AppState) -> conn::Limits {
     conn::Limits { heartbeat: state.config.heartbeat, rate_limits: state.config.rate_limits }
 }
 
-fn open_stream(
-    req: &HttpRequest,
-    body: web::Payload,
-    state: &AppState,
-) -> Result<(HttpResponse, actix_ws::Session, actix_ws::AggregatedMessageStream), actix_web::Error> {
-    let (res, session, stream) = actix_ws::handle(req, body)?;
-    let max = state.config.max_message_bytes;
-    let stream = stream.max_frame_size(max).aggregate_continuations().max_continuation_size(max);
-    Ok((res, session, stream))
+/// Registers the connection for the life of `body` (node-wide close on
+/// shutdown, the connections gauge).
+async fn registered<F: std::future::Future<Output = ()>>(state: &AppState, conn_id: u64, handle: &ConnHandle, role: &'static str, body: F) {
+    state.conns.lock().insert(conn_id, handle.clone());
+    let label = RoleLabel { role };
+    state.metrics.connections.get_or_create(&label).inc();
+    state.metrics.connections_total.get_or_create(&label).inc();
+    body.await;
+    state.conns.lock().remove(&conn_id);
+    state.metrics.connections.get_or_create(&label).dec();
 }
 
-pub async fn customer(req: HttpRequest, body: web::Payload, state: web::Data<AppState>) -> Result<HttpResponse, actix_web::Error> {
-    let ip = precheck(&req, &state)?;
-    let (res, mut session, stream) = open_stream(&req, body, &state)?;
-    let state: Arc<AppState> = state.into_inner();
+async fn customer_conn(mut ws: WsSocket, ip: IpAddr, state: Arc<AppState>) {
     let conn_id = conn::next_conn_id();
     let (handle, inbox) = ConnHandle::channel(conn_id, state.config.outbox_frames);
-    let span = tracing::info_span!("conn", conn_id, role = "customer", node = %state.config.node_id);
-    let fut = tracing::Instrument::instrument(
-        async move {
-            state.conns.lock().insert(conn_id, handle.clone());
-            let label = RoleLabel { role: "customer" };
-            state.metrics.connections.get_or_create(&label).inc();
-            state.metrics.connections_total.get_or_create(&label).inc();
-            if session.text(hello(&state)).await.is_ok() {
-                let role = customer::CustomerRole::new(state.clone(), handle, ip);
-                conn::run(session, stream, inbox, role, limits(&state), &state.metrics).await;
-            }
-            state.conns.lock().remove(&conn_id);
-            state.metrics.connections.get_or_create(&label).dec();
-        },
-        span,
-    );
-    tracing::debug!(bytes = std::mem::size_of_val(&fut), "customer connection task size");
-    actix_web::rt::spawn(fut);
-    Ok(res)
+    let span = tracing::info_span!("conn", conn_id, role = "customer");
+    let body = async {
+        ws.queue_text(hello(&state));
+        if ws.flush().await.is_ok() {
+            let role = customer::CustomerRole::new(state.clone(), handle.clone(), ip);
+            conn::run(ws, inbox, role, limits(&state), &state.metrics).await;
+        }
+    };
+    tracing::Instrument::instrument(registered(&state, conn_id, &handle, "customer", body), span).await;
 }
 
-pub async fn agent(req: HttpRequest, body: web::Payload, state: web::Data<AppState>) -> Result<HttpResponse, actix_web::Error> {
-    precheck(&req, &state)?;
-    let (admin, _) = auth::require_admin(&req, &state.config, &state.db).await.inspect_err(|_| { state.metrics.upgrades_refused.inc(); })?;
-    let (res, mut session, stream) = open_stream(&req, body, &state)?;
-    let state: Arc<AppState> = state.into_inner();
+async fn agent_conn(mut ws: WsSocket, info: duet_actors::domain::AgentInfo, state: Arc<AppState>) {
     let conn_id = conn::next_conn_id();
     let (handle, inbox) = ConnHandle::channel(conn_id, state.config.outbox_frames);
-    let info = auth::agent_info(&admin);
-    let span = tracing::info_span!("conn", conn_id, role = "agent", agent_id = %info.id, node = %state.config.node_id);
-    actix_web::rt::spawn(tracing::Instrument::instrument(
-        async move {
-            state.conns.lock().insert(conn_id, handle.clone());
-            let label = RoleLabel { role: "agent" };
-            state.metrics.connections.get_or_create(&label).inc();
-            state.metrics.connections_total.get_or_create(&label).inc();
-            if session.text(hello(&state)).await.is_ok() {
-                if let Ok(addr) = state.deps.registry.send(AgentConnect { info, conn: handle.clone() }).await {
-                    let role = agent::AgentRole { app: state.clone(), handle, agent: addr };
-                    conn::run(session, stream, inbox, role, limits(&state), &state.metrics).await;
-                }
-            }
-            state.conns.lock().remove(&conn_id);
-            state.metrics.connections.get_or_create(&label).dec();
-        },
-        span,
-    ));
-    Ok(res)
+    let span = tracing::info_span!("conn", conn_id, role = "agent", agent_id = %info.id);
+    let body = async {
+        ws.queue_text(hello(&state));
+        if ws.flush().await.is_err() {
+            return;
+        }
+        if let Ok(addr) = state.deps.registry.send(AgentConnect { info, conn: handle.clone() }).await {
+            let role = agent::AgentRole { app: state.clone(), handle: handle.clone(), agent: addr };
+            conn::run(ws, inbox, role, limits(&state), &state.metrics).await;
+        }
+    };
+    tracing::Instrument::instrument(registered(&state, conn_id, &handle, "agent", body), span).await;
 }
