@@ -23,9 +23,17 @@ pub struct AgentRole {
     pub app: Arc<AppState>,
     pub handle: ConnHandle,
     pub agent: Addr<AgentActor>,
+    /// Held for the life of the socket.
+    pub _registration: super::Registration,
 }
 
 impl Role for AgentRole {
+    const NAME: &'static str = "agent";
+
+    fn conn_id(&self) -> u64 {
+        self.handle.conn_id
+    }
+
     async fn on_text(&mut self, text: &str, out: &mut Vec<String>) {
         match decode::agent_frame(text) {
             Err(e) => out.push(encode::error_frame(e.client_ref.as_ref(), &ActorError::BadRequest(e.message))),

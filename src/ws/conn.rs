@@ -6,6 +6,7 @@
 //! agent); this loop only knows transport rules (PROTOCOL.md, Transport).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_http::ws::{CloseCode, CloseReason};
@@ -22,6 +23,11 @@ use crate::protocol::encode;
 
 /// What the loop does with a frame, decided by the socket's role.
 pub trait Role {
+    /// `customer` or `agent`, for logs and metrics.
+    const NAME: &'static str;
+    /// The connection's id, for logs (customer sockets have no span: at ten
+    /// thousand idle sockets a span each costs half a KiB apiece).
+    fn conn_id(&self) -> u64;
     /// A text frame. Immediate answers (errors, pong) go into `out`.
     fn on_text(&mut self, text: &str, out: &mut Vec<String>) -> impl std::future::Future<Output = ()>;
     /// A binary frame (audio; refused until the voice pipeline exists).
@@ -72,7 +78,35 @@ fn reason(code: CloseCode, text: &str) -> Option<CloseReason> {
 const BURST_FRAMES: usize = 64;
 
 /// Runs until the socket closes; then tells the role.
-pub async fn run<R: Role>(mut ws: WsSocket, mut inbox: ConnInbox, mut role: R, limits: Limits, metrics: &Metrics) {
+///
+/// This future is what every idle socket costs (it is the spawned task), so
+/// it holds only the loop's state: everything rare (a resume) is boxed.
+///
+/// A plain fn returning an `async move` block rather than an `async fn`: the
+/// block uses its captures in place, where an `async fn` would keep a second
+/// copy of every argument in the future (rust-lang/rust#62958).
+pub fn run<R: Role>(ws: WsSocket, inbox: ConnInbox, role: R, limits: Limits, metrics: Arc<Metrics>) -> impl std::future::Future<Output = ()> {
+    let mut ws = ws;
+    let mut inbox = inbox;
+    let mut role = role;
+    async move {
+        let close = run_loop(&mut ws, &mut inbox, &mut role, &limits, &metrics).await;
+        role.closed();
+        let close = close.or_else(|| {
+            inbox.kill.is_killed().then(|| {
+                metrics.slow_consumers.inc();
+                CloseReason { code: CloseCode::from(CLOSE_SLOW_CONSUMER), description: Some("too slow; resume".into()) }
+            })
+        });
+        if let Some(reason) = close {
+            // Best effort: a peer that stopped reading may never take it.
+            let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(Some(reason))).await;
+        }
+    }
+}
+
+/// The loop itself; returns the close frame to send, if any.
+async fn run_loop<R: Role>(ws: &mut WsSocket, inbox: &mut ConnInbox, role: &mut R, limits: &Limits, metrics: &Metrics) -> Option<CloseReason> {
     let mut ping = tokio::time::interval(limits.heartbeat);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await; // the first tick is immediate
@@ -86,7 +120,7 @@ pub async fn run<R: Role>(mut ws: WsSocket, mut inbox: ConnInbox, mut role: R, l
             match ws.buffered() {
                 Ok(None) => break,
                 Ok(Some(msg)) => {
-                    if let Step::Close(r) = on_message(msg, &mut ws, &mut role, &mut out, &mut flood, &mut last_pong, metrics).await {
+                    if let Step::Close(r) = on_message(msg, ws, role, &mut out, &mut flood, &mut last_pong, metrics).await {
                         break 'conn r;
                     }
                 }
@@ -94,18 +128,18 @@ pub async fn run<R: Role>(mut ws: WsSocket, mut inbox: ConnInbox, mut role: R, l
                     if e == ReadError::TooLarge {
                         metrics.frames_rejected.inc();
                     }
-                    debug!(error = ?e, "websocket input refused");
+                    debug!(conn_id = role.conn_id(), role = R::NAME, error = ?e, "websocket input refused");
                     break 'conn e.close_reason();
                 }
             }
         }
-        if ws.has_queued() && !flush(&mut ws, &kill).await {
+        if ws.has_queued() && !flush(ws, &kill).await {
             break None;
         }
         tokio::select! {
             biased;
             _ = kill.killed() => {
-                info!("closing a connection that stopped reading");
+                info!(conn_id = role.conn_id(), role = R::NAME, "closing a connection that stopped reading");
                 metrics.slow_consumers.inc();
                 break reason(CloseCode::from(CLOSE_SLOW_CONSUMER), "too slow; resume");
             }
@@ -140,7 +174,7 @@ pub async fn run<R: Role>(mut ws: WsSocket, mut inbox: ConnInbox, mut role: R, l
             }
             _ = ping.tick() => {
                 if last_pong.elapsed() > limits.heartbeat * 2 + limits.heartbeat / 2 {
-                    info!("no pong for two heartbeats; dropping the connection");
+                    info!(conn_id = role.conn_id(), role = R::NAME, "no pong for two heartbeats; dropping the connection");
                     metrics.heartbeat_drops.inc();
                     break reason(CloseCode::Away, "heartbeat timeout");
                 }
@@ -148,17 +182,7 @@ pub async fn run<R: Role>(mut ws: WsSocket, mut inbox: ConnInbox, mut role: R, l
             }
         }
     };
-    role.closed();
-    let close = close.or_else(|| {
-        kill.is_killed().then(|| {
-            metrics.slow_consumers.inc();
-            CloseReason { code: CloseCode::from(CLOSE_SLOW_CONSUMER), description: Some("too slow; resume".into()) }
-        })
-    });
-    if let Some(reason) = close {
-        // Best effort: a peer that stopped reading may never take it.
-        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(Some(reason))).await;
-    }
+    close
 }
 
 struct Flood {

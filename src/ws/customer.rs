@@ -31,13 +31,14 @@ pub struct CustomerRole {
     resuming: Option<(SessionId, Addr<SessionActor>)>,
     /// Send instants of refs in flight, for the relay latency histogram.
     sent: VecDeque<(ClientRef, Instant)>,
+    _registration: super::Registration,
 }
 
 const SENT_TRACKED: usize = 256;
 
 impl CustomerRole {
-    pub fn new(app: Arc<AppState>, handle: ConnHandle, ip: std::net::IpAddr) -> CustomerRole {
-        CustomerRole { app, handle, ip, session: None, resuming: None, sent: VecDeque::new() }
+    pub fn new(app: Arc<AppState>, handle: ConnHandle, ip: std::net::IpAddr, registration: super::Registration) -> CustomerRole {
+        CustomerRole { app, handle, ip, session: None, resuming: None, sent: VecDeque::new(), _registration: registration }
     }
 
     fn err(out: &mut Vec<String>, r: Option<&ClientRef>, e: ActorError) {
@@ -111,7 +112,7 @@ impl CustomerRole {
             Some(_) => {
                 // The session's actor died (a bug, caught by the runtime).
                 // Storage holds its truth: the client resumes and carries on.
-                tracing::error!("session actor is gone; asking the client to resume");
+                tracing::error!(conn_id = self.handle.conn_id, "session actor is gone; asking the client to resume");
                 self.session = None;
                 if r.is_some() {
                     Self::err(out, r.as_ref(), ActorError::Unavailable { message: "session restarting; resume", retry_after_ms: 100 });
@@ -128,11 +129,19 @@ impl CustomerRole {
 }
 
 impl Role for CustomerRole {
+    const NAME: &'static str = "customer";
+
+    fn conn_id(&self) -> u64 {
+        self.handle.conn_id
+    }
+
     async fn on_text(&mut self, text: &str, out: &mut Vec<String>) {
         match decode::customer_frame(text) {
             Err(e) => out.push(encode::error_frame(e.client_ref.as_ref(), &ActorError::BadRequest(e.message))),
             Ok(f @ CustomerFrame::Join { .. }) => self.join(f, out),
-            Ok(f @ CustomerFrame::Resume { .. }) => self.resume(f, out).await,
+            // Boxed: the only frame that waits (for the registry), and its
+            // future would otherwise make every idle socket's task larger.
+            Ok(f @ CustomerFrame::Resume { .. }) => Box::pin(self.resume(f, out)).await,
             Ok(CustomerFrame::InSession(cmd)) => self.in_session(cmd, out),
             Ok(CustomerFrame::Ping { client_ref }) => out.push(encode::pong(client_ref.as_ref())),
         }

@@ -82,15 +82,12 @@ pub async fn upgrade(req: Request, framed: Framed<TcpStream, h1::Codec>, state: 
         },
     };
     let Some(ws) = handshake(head, framed, state.config.max_message_bytes).await else { return };
-    let state_for_task = state.clone();
     match agent {
-        None => {
-            let task = customer_conn(ws, ip, state_for_task);
-            tracing::trace!(bytes = std::mem::size_of_val(&task), "customer connection task size");
-            actix_web::rt::spawn(task)
+        None => customer_conn(ws, ip, state),
+        Some(info) => {
+            actix_web::rt::spawn(agent_conn(ws, info, state));
         }
-        Some(info) => actix_web::rt::spawn(agent_conn(ws, info, state_for_task)),
-    };
+    }
 }
 
 fn precheck(head: &RequestHead, state: &AppState) -> Result<IpAddr, HttpError> {
@@ -135,45 +132,56 @@ fn limits(state: &AppState) -> conn::Limits {
     conn::Limits { heartbeat: state.config.heartbeat, rate_limits: state.config.rate_limits }
 }
 
-/// Registers the connection for the life of `body` (node-wide close on
-/// shutdown, the connections gauge).
-async fn registered<F: std::future::Future<Output = ()>>(state: &AppState, conn_id: u64, handle: &ConnHandle, role: &'static str, body: F) {
-    state.conns.lock().insert(conn_id, handle.clone());
-    let label = RoleLabel { role };
-    state.metrics.connections.get_or_create(&label).inc();
-    state.metrics.connections_total.get_or_create(&label).inc();
-    body.await;
-    state.conns.lock().remove(&conn_id);
-    state.metrics.connections.get_or_create(&label).dec();
+/// A socket's place in the node's connection table (closed all at once on
+/// shutdown) and in the connections gauge, for as long as it is held.
+pub struct Registration {
+    state: Arc<AppState>,
+    conn_id: u64,
+    role: &'static str,
 }
 
-async fn customer_conn(mut ws: WsSocket, ip: IpAddr, state: Arc<AppState>) {
+impl Registration {
+    fn new(state: &Arc<AppState>, handle: &ConnHandle, role: &'static str) -> Registration {
+        state.conns.lock().insert(handle.conn_id, handle.clone());
+        let label = RoleLabel { role };
+        state.metrics.connections.get_or_create(&label).inc();
+        state.metrics.connections_total.get_or_create(&label).inc();
+        Registration { state: state.clone(), conn_id: handle.conn_id, role }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.state.conns.lock().remove(&self.conn_id);
+        self.state.metrics.connections.get_or_create(&RoleLabel { role: self.role }).dec();
+    }
+}
+
+/// Starts a customer's socket task. Everything is set up here, so the task
+/// is the socket loop alone (its size is what an idle customer costs).
+fn customer_conn(mut ws: WsSocket, ip: IpAddr, state: Arc<AppState>) {
     let conn_id = conn::next_conn_id();
     let (handle, inbox) = ConnHandle::channel(conn_id, state.config.outbox_frames);
-    let span = tracing::info_span!("conn", conn_id, role = "customer");
-    let body = async {
-        ws.queue_text(hello(&state));
-        if ws.flush().await.is_ok() {
-            let role = customer::CustomerRole::new(state.clone(), handle.clone(), ip);
-            conn::run(ws, inbox, role, limits(&state), &state.metrics).await;
-        }
-    };
-    tracing::Instrument::instrument(registered(&state, conn_id, &handle, "customer", body), span).await;
+    ws.queue_text(hello(&state));
+    let registration = Registration::new(&state, &handle, "customer");
+    tracing::debug!(conn_id, %ip, "customer connected");
+    let role = customer::CustomerRole::new(state.clone(), handle, ip, registration);
+    let task = conn::run(ws, inbox, role, limits(&state), state.metrics.clone());
+    tracing::trace!(bytes = std::mem::size_of_val(&task), "customer connection task size");
+    actix_web::rt::spawn(task);
 }
 
 async fn agent_conn(mut ws: WsSocket, info: duet_actors::domain::AgentInfo, state: Arc<AppState>) {
     let conn_id = conn::next_conn_id();
     let (handle, inbox) = ConnHandle::channel(conn_id, state.config.outbox_frames);
     let span = tracing::info_span!("conn", conn_id, role = "agent", agent_id = %info.id);
-    let body = async {
+    let registration = Registration::new(&state, &handle, "agent");
+    let body = async move {
         ws.queue_text(hello(&state));
-        if ws.flush().await.is_err() {
-            return;
-        }
         if let Ok(addr) = state.deps.registry.send(AgentConnect { info, conn: handle.clone() }).await {
-            let role = agent::AgentRole { app: state.clone(), handle: handle.clone(), agent: addr };
-            conn::run(ws, inbox, role, limits(&state), &state.metrics).await;
+            let role = agent::AgentRole { app: state.clone(), handle, agent: addr, _registration: registration };
+            conn::run(ws, inbox, role, limits(&state), state.metrics.clone()).await;
         }
     };
-    tracing::Instrument::instrument(registered(&state, conn_id, &handle, "agent", body), span).await;
+    tracing::Instrument::instrument(body, span).await;
 }

@@ -23,8 +23,6 @@ use actix_codec::{Decoder, Encoder};
 
 /// How much a read asks the kernel for at a time.
 const READ_CHUNK: usize = 4096;
-/// A write buffer that grew past this (a burst) is given back once flushed.
-const KEEP_WRITE_CAPACITY: usize = 16 * 1024;
 
 /// A whole message or control frame from the client.
 #[derive(Debug, PartialEq)]
@@ -261,10 +259,9 @@ impl WsSocket {
         self.torn = true;
         let r = self.io.write_all(&self.out).await;
         self.torn = false;
-        self.out.clear();
-        if self.out.capacity() > KEEP_WRITE_CAPACITY {
-            self.out = BytesMut::new();
-        }
+        // Sockets are idle far more than they write: hold no buffer between
+        // bursts (a burst allocates one, which is cheaper than keeping it).
+        self.out = BytesMut::new();
         r
     }
 
