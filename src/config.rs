@@ -99,6 +99,8 @@ pub struct Config {
     pub llm_url: Option<String>,
     pub outbox_frames: usize,
     pub db_pool_size: u32,
+    /// PostgreSQL writer threads (SQLite always has one).
+    pub db_writers: usize,
     pub db_timeout: Duration,
     pub admin_idle_ttl: Duration,
     pub admin_max_ttl: Duration,
@@ -239,6 +241,10 @@ impl Config {
         if !(1..=256).contains(&db_pool_size) {
             r.problems.push(format!("DUET_DB_POOL_SIZE={db_pool_size} must be between 1 and 256"));
         }
+        let db_writers: usize = r.parse("DUET_DB_WRITERS", 3usize, "a number of writer threads");
+        if !(1..=16).contains(&db_writers) {
+            r.problems.push(format!("DUET_DB_WRITERS={db_writers} must be between 1 and 16"));
+        }
         let db_timeout = Duration::from_millis(r.parse("DUET_DB_TIMEOUT_MS", 2000u64, "a number of milliseconds").clamp(100, 60_000));
         let admin_idle_ttl = r.secs("DUET_ADMIN_IDLE_S", 1800, 60, 30 * 86400);
         let admin_max_ttl = r.secs("DUET_ADMIN_MAX_S", 12 * 3600, 60, 90 * 86400);
@@ -290,6 +296,7 @@ impl Config {
             llm_url,
             outbox_frames,
             db_pool_size,
+            db_writers,
             db_timeout,
             admin_idle_ttl,
             admin_max_ttl,

@@ -91,15 +91,19 @@ pub(super) struct SeqCache {
 }
 
 impl SeqCache {
-    fn stored(&mut self, c: &mut DbConn, batch: &AppendBatch) -> QueryResult<i64> {
+    /// The session's last stored seq; `None` when the session does not
+    /// exist (the events table has no foreign key: this is the check).
+    fn stored(&mut self, c: &mut DbConn, batch: &AppendBatch) -> QueryResult<Option<i64>> {
         if matches!(batch.change, Some(SessionChange::Create(..))) {
-            return Ok(0);
+            return Ok(Some(0));
         }
         if let Some(&last) = self.last.get(batch.session_id.as_ref()) {
-            return Ok(last);
+            return Ok(Some(last));
         }
-        let last = super::events::last_seq(c, &batch.session_id)?;
-        self.last.insert(batch.session_id.clone(), last);
+        let last = super::events::last_seq_if_exists(c, &batch.session_id)?;
+        if let Some(last) = last {
+            self.last.insert(batch.session_id.clone(), last);
+        }
         Ok(last)
     }
 
@@ -115,10 +119,10 @@ impl SeqCache {
                 continue;
             };
             let prev = match reached.get(&b.session_id) {
-                Some(&p) => p,
+                Some(&p) => Some(p),
                 None => self.stored(c, b)?,
             };
-            let fits = !broken.contains(b.session_id.as_ref()) && first.event.seq == prev + 1;
+            let fits = !broken.contains(b.session_id.as_ref()) && prev.is_some_and(|p| first.event.seq == p + 1);
             if fits {
                 reached.insert(b.session_id.clone(), last.event.seq);
             } else {

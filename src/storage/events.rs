@@ -136,6 +136,16 @@ fn load_session(c: &mut DbConn, id: &str) -> QueryResult<Option<SessionSnapshot>
 
 /// The highest stored seq of a session (0 without events), from the
 /// primary key.
+/// [`last_seq`] of a session that exists; `None` for an unknown session.
+pub(super) fn last_seq_if_exists(c: &mut DbConn, id: &str) -> QueryResult<Option<Seq>> {
+    let known: bool = diesel::select(diesel::dsl::exists(sessions::table.filter(sessions::id.eq(id)))).get_result(c)?;
+    if known {
+        last_seq(c, id).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
 pub(super) fn last_seq(c: &mut DbConn, id: &str) -> QueryResult<Seq> {
     use diesel::dsl::max;
     Ok(events::table.filter(events::session_id.eq(id)).select(max(events::seq)).first::<Option<i64>>(c)?.unwrap_or(0))

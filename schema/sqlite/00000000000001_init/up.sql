@@ -26,7 +26,8 @@ CREATE TABLE sessions (
 );
 CREATE INDEX sessions_status_idx ON sessions (status);
 
--- The ordered log of each session. NULL client keys never collide (NULLs are
+-- The ordered log of each session (its foreign key is dropped by migration 2,
+-- which says why). NULL client keys never collide (NULLs are
 -- distinct in a UNIQUE constraint), so only keyed events are deduplicated.
 CREATE TABLE events (
     session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
