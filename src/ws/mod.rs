@@ -31,12 +31,19 @@ use crate::http::error::HttpError;
 use crate::metrics::RoleLabel;
 use socket::{FrameReader, WsSocket};
 
-/// PROTOCOL.md: no `Origin` (a non-browser client) passes; a foreign one is 403.
+/// PROTOCOL.md: no `Origin` (a non-browser client) passes; one listed in
+/// `DUET_ALLOWED_ORIGINS` passes; so does duet's own origin (the demo and
+/// admin pages it serves: the `Origin`'s host is the request's `Host`, which
+/// a foreign page cannot choose). Anything else is foreign: 403.
 pub fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
-    match headers.get(actix_http::header::ORIGIN) {
-        None => true,
-        Some(o) => o.to_str().map(|o| allowed.iter().any(|a| a.eq_ignore_ascii_case(o))).unwrap_or(false),
+    let Some(origin) = headers.get(actix_http::header::ORIGIN) else { return true };
+    let Ok(origin) = origin.to_str() else { return false };
+    if allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) {
+        return true;
     }
+    let host = headers.get(actix_http::header::HOST).and_then(|h| h.to_str().ok());
+    let origin_host = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
+    matches!((origin_host, host), (Some(o), Some(h)) if !h.is_empty() && o.eq_ignore_ascii_case(h))
 }
 
 fn hello(state: &AppState) -> String {

@@ -548,8 +548,10 @@ async fn a_foreign_origin_is_refused_with_403_and_no_origin_is_allowed() {
         let r = Client::connect(&app.ws_url("/admin/ws"), &[("Origin", origin), ("Authorization", &auth)]).await;
         assert_eq!(refused_status(r, &format!("/admin/ws from {origin}")), 403, "/admin/ws from {origin}");
     }
-    // The allowed origin, and no Origin at all (a non-browser client).
-    for headers in [vec![("Origin", "http://good.example")], vec![]] {
+    // The allowed origin, duet's own (its demo and admin pages), and no
+    // Origin at all (a non-browser client).
+    let own = format!("http://127.0.0.1:{}", app.port);
+    for headers in [vec![("Origin", "http://good.example")], vec![("Origin", own.as_str())], vec![]] {
         let mut c = Client::connect(&app.ws_url("/ws"), &headers).await.expect("allowed on /ws");
         assert_eq!(c.recv().await["type"], "hello");
         still_open(&mut c).await;
