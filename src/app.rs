@@ -182,7 +182,7 @@ pub async fn build_state(config: Config, db: Database) -> anyhow::Result<Arc<App
         Ok(Err(e)) => anyhow::bail!("could not recover open sessions from the database: {e}"),
         Err(e) => anyhow::bail!("registry did not answer: {e}"),
     }
-    let deps = Deps { store, queue, registry, settings };
+    let deps = Deps::new(store, queue, registry, settings);
     let limits = Limits::new(config.rate_limits);
     // The log fallback exists in development only (PROTOCOL.md).
     let notifier: Box<dyn Notifier> = if config.is_production() { Box::new(NoDelivery) } else { Box::new(LogNotifier) };

@@ -62,6 +62,8 @@ pub struct RegistryActor {
     last_queues: Vec<TopicQueue>,
     dashboard: Arc<Dashboard>,
     pushing: bool,
+    /// Built once the actor has its address; handed to every actor it starts.
+    deps: Option<Deps>,
 }
 
 impl RegistryActor {
@@ -79,16 +81,13 @@ impl RegistryActor {
             last_queues: Vec::new(),
             dashboard: Arc::new(Dashboard::default()),
             pushing: false,
+            deps: None,
         }
     }
 
-    fn deps(&self, ctx: &Context<Self>) -> Deps {
-        Deps {
-            store: self.store.clone(),
-            queue: self.queue.clone(),
-            registry: ctx.address(),
-            settings: self.settings.clone(),
-        }
+    fn deps(&mut self, ctx: &Context<Self>) -> Deps {
+        let (store, queue, settings) = (&self.store, &self.queue, &self.settings);
+        self.deps.get_or_insert_with(|| Deps::new(store.clone(), queue.clone(), ctx.address(), settings.clone())).clone()
     }
 
     fn agents_online(&self) -> usize {
@@ -130,7 +129,14 @@ impl RegistryActor {
                     // A session registered meanwhile (a join cannot, but be sure).
                     match act.sessions.get(&id).filter(|e| e.addr.connected()) {
                         Some(e) => Some(e.addr.clone()),
-                        None => SessionActor::restore(act.deps(ctx), snap),
+                        None => {
+                            let topic = snap.record.topic.clone();
+                            let restored = SessionActor::restore(act.deps(ctx), snap);
+                            if let Some(a) = &restored {
+                                act.sessions.insert(id.clone(), SessionEntry { addr: a.clone(), topic, view: None });
+                            }
+                            restored
+                        }
                     }
                 }
                 Ok(None) => None,
@@ -139,13 +145,6 @@ impl RegistryActor {
                     None
                 }
             };
-            if let Some(a) = &addr {
-                act.sessions.entry(id.clone()).or_insert_with(|| SessionEntry {
-                    addr: a.clone(),
-                    topic: Arc::from(""),
-                    view: None,
-                });
-            }
             for w in act.restoring.remove(&id).unwrap_or_default() {
                 let _ = w.send(addr.clone());
             }
@@ -408,7 +407,7 @@ impl Handler<TakeFromQueue> for RegistryActor {
         let queue = self.queue.clone();
         let store = self.store.clone();
         let known_topic = match &msg.target {
-            TakeTarget::Session(id) => self.sessions.get(id).map(|e| e.topic.clone()).filter(|t| !t.is_empty()),
+            TakeTarget::Session(id) => self.sessions.get(id).map(|e| e.topic.clone()),
             TakeTarget::NextIn(_) => None,
         };
         let fut = async move {

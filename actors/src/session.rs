@@ -203,6 +203,17 @@ impl SessionActor {
         &self.record.id
     }
 
+    /// Whether `agent_id` serves this session; if not, the refusal:
+    /// `not_found` once it ended, `forbidden` while someone else (or no one)
+    /// serves it.
+    fn served_by(&self, agent_id: &AgentId) -> Result<(), ActorError> {
+        match &self.phase {
+            Phase::Active { agent } if agent.id == *agent_id => Ok(()),
+            Phase::Ended => Err(ActorError::NotFound("the session has ended")),
+            _ => Err(ActorError::Forbidden("you do not serve this session")),
+        }
+    }
+
     fn queue_entry(&self, queued_at_ms: i64) -> QueueEntry {
         QueueEntry {
             session_id: self.record.id.clone(),
@@ -1006,14 +1017,8 @@ impl Handler<FromAgent> for SessionActor {
             | AgentCmd::End { client_ref }
             | AgentCmd::Typing { client_ref, .. } => client_ref.clone(),
         };
-        let serves = matches!(&self.phase, Phase::Active { agent } if agent.id == agent_id);
-        if !serves {
+        if let Err(e) = self.served_by(&agent_id) {
             if client_ref.is_some() {
-                let e = if self.phase == Phase::Ended {
-                    ActorError::NotFound("the session has ended")
-                } else {
-                    ActorError::Forbidden("you do not serve this session")
-                };
                 refuse(&conn, client_ref, e);
             }
             return;
@@ -1063,13 +1068,7 @@ impl Handler<AttachAgent> for SessionActor {
 
     fn handle(&mut self, msg: AttachAgent, ctx: &mut Context<Self>) {
         let _g = self.span.clone().entered();
-        let serves = matches!(&self.phase, Phase::Active { agent } if agent.id == msg.agent_id);
-        if !serves {
-            let e = if self.phase == Phase::Ended {
-                ActorError::NotFound("the session has ended")
-            } else {
-                ActorError::Forbidden("you do not serve this session")
-            };
+        if let Err(e) = self.served_by(&msg.agent_id) {
             let _ = msg.done.send(Err(e));
             return;
         }

@@ -43,11 +43,29 @@ impl Default for Settings {
     }
 }
 
-/// Ports and settings every session and agent actor receives.
+/// Ports and settings every session and agent actor receives. Shared: a
+/// clone is one reference count (every session holds one, so its size is
+/// per-customer memory).
 #[derive(Clone)]
-pub struct Deps {
+pub struct Deps(Arc<DepsInner>);
+
+pub struct DepsInner {
     pub store: Arc<dyn EventStore>,
     pub queue: Arc<dyn QueueStore>,
     pub registry: Addr<RegistryActor>,
     pub settings: Arc<Settings>,
+}
+
+impl Deps {
+    pub fn new(store: Arc<dyn EventStore>, queue: Arc<dyn QueueStore>, registry: Addr<RegistryActor>, settings: Arc<Settings>) -> Deps {
+        Deps(Arc::new(DepsInner { store, queue, registry, settings }))
+    }
+}
+
+impl std::ops::Deref for Deps {
+    type Target = DepsInner;
+
+    fn deref(&self) -> &DepsInner {
+        &self.0
+    }
 }

@@ -20,7 +20,7 @@ fn deps(store: Arc<MemoryEventStore>) -> Deps {
     let settings = Arc::new(Settings::default());
     let queue = Arc::new(MemoryQueue::new());
     let registry = RegistryActor::new(store.clone(), queue.clone(), settings.clone()).start();
-    Deps { store, queue, registry, settings }
+    Deps::new(store, queue, registry, settings)
 }
 
 fn cref(n: u32) -> ClientRef {

@@ -166,17 +166,24 @@ pub(super) fn commit_group(conn: &mut DbConn, batches: &[&AppendBatch], seqs: &m
         for batch in batches {
             apply_status(c, batch)?;
         }
-        let rows: Vec<NewEventRow<'_>> = batches
-            .iter()
-            .flat_map(|b| b.events.iter().map(move |e| NewEventRow::new(b, e)))
-            .collect();
-        insert_events(c, &rows)?;
-        Ok(reached)
+        insert_events(c, &event_rows(batches.iter().copied()))?;
+        Ok(((), reached))
     });
+    settle(seqs, batches, res)
+}
+
+/// The rows of these batches' events, in order.
+fn event_rows<'a>(batches: impl Iterator<Item = &'a AppendBatch>) -> Vec<NewEventRow<'a>> {
+    batches.flat_map(|b| b.events.iter().map(move |e| NewEventRow::new(b, e))).collect()
+}
+
+/// The seq cache follows the outcome: where the sessions now stand after a
+/// commit, "ask storage" after a failure.
+fn settle<T>(seqs: &mut SeqCache, batches: &[&AppendBatch], res: Result<(T, Reached), AppendError>) -> Result<T, AppendError> {
     match res {
-        Ok(reached) => {
+        Ok((value, reached)) => {
             seqs.committed(batches, reached);
-            Ok(())
+            Ok(value)
         }
         Err(e) => {
             seqs.forget(batches);
@@ -339,20 +346,7 @@ pub(super) fn commit_plain_group_pg(
         Ok(checked) => checked,
         Err(e) => return Some(Err(AppendError::Db(e))),
     };
-    let rows: Vec<NewEventRow<'_>> = batches
-        .iter()
-        .zip(&ok)
-        .filter(|(_, fits)| **fits)
-        .flat_map(|(b, _)| b.events.iter().map(move |e| NewEventRow::new(b, e)))
-        .collect();
-    Some(match insert_events(conn, &rows) {
-        Ok(()) => {
-            seqs.committed(batches, reached);
-            Ok(ok)
-        }
-        Err(e) => {
-            seqs.forget(batches);
-            Err(e)
-        }
-    })
+    let rows = event_rows(batches.iter().zip(&ok).filter(|(_, fits)| **fits).map(|(b, _)| *b));
+    let res = insert_events(conn, &rows).map(|()| (ok, reached));
+    Some(settle(seqs, batches, res))
 }
