@@ -10,7 +10,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 started=$SECONDS
 
-scripts/services.sh
+# Chromium too: tests/api/browser.rs drives the demo page in it.
+scripts/services.sh --chromium
 
 export DUET_TEST_DATABASE_URL="${DUET_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
 export DUET_TEST_REDIS_URL="${DUET_TEST_REDIS_URL:-redis://127.0.0.1:6379}"

@@ -14,3 +14,4 @@ mod races;
 mod resume;
 mod durability;
 mod admin_auth;
+mod browser;
