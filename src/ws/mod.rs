@@ -129,6 +129,11 @@ async fn refuse(mut framed: Framed<TcpStream, h1::Codec>, e: HttpError) {
     let (mut res, body) = res.into_parts();
     let Ok(body) = actix_web::body::to_bytes(body).await else { return };
     res.head_mut().set_connection_type(ConnectionType::Close);
+    // RFC 6455 4.4: a refused handshake names the version duet speaks.
+    res.headers_mut().insert(
+        actix_http::header::SEC_WEBSOCKET_VERSION,
+        actix_http::header::HeaderValue::from_static("13"),
+    );
     let len = body.len() as u64;
     let _ = framed.send((res.drop_body(), BodySize::Sized(len)).into()).await;
     let _ = framed.send(h1::Message::Chunk(Some(body))).await;

@@ -976,3 +976,16 @@ async fn a_refused_resume_of_an_ended_session_leaves_the_socket_free_to_join() {
         assert_ne!(s["session_id"], sid.as_str());
     }
 }
+
+#[tokio::test]
+async fn upgrades_elsewhere_are_404_and_a_plain_get_of_ws_is_400() {
+    let app = TestApp::spawn().await;
+    let raw = RawWs::connect(app.port, "/nowhere", &[], None).await;
+    assert_eq!(raw.status, 404, "{}", raw.head);
+    // RFC 6455 4.4: a refused handshake names the version the server speaks.
+    assert!(raw.head.to_ascii_lowercase().contains("sec-websocket-version: 13"), "{}", raw.head);
+    let plain = app.get("/ws", None).await;
+    assert_eq!(plain.status(), 400);
+    let body: Value = plain.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "bad_request", "{body}");
+}
