@@ -52,6 +52,7 @@ pub struct Metrics {
     /// Group commits and the batches in them, totals read from the writer
     /// (their ratio is the grouping achieved).
     pub db_commits: Gauge,
+    pub db_writer_busy: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub db_batches: Gauge,
     pub otp_requests: Counter,
     pub otp_failures: Counter,
@@ -85,6 +86,7 @@ impl Metrics {
             db_pool_idle: Gauge::default(),
             db_writer_queue: Gauge::default(),
             db_commits: Gauge::default(),
+            db_writer_busy: Gauge::default(),
             db_batches: Gauge::default(),
             otp_requests: Counter::default(),
             otp_failures: Counter::default(),
@@ -114,6 +116,11 @@ impl Metrics {
         registry.register("db_pool_idle", "Idle connections of the read pool", m.db_pool_idle.clone());
         registry.register("db_writer_queue", "Append batches waiting for a writer", m.db_writer_queue.clone());
         registry.register("db_group_commits", "Group commits so far (a total)", m.db_commits.clone());
+        registry.register(
+            "db_writer_busy_seconds",
+            "Seconds the event writers spent in the database so far (a total; per group commit, the commit without the hand-offs that store_commit_seconds includes)",
+            m.db_writer_busy.clone(),
+        );
         registry.register("db_group_batches", "Session batches in those commits (a total)", m.db_batches.clone());
         registry.register("otp_requests", "One-time codes requested", m.otp_requests.clone());
         registry.register("otp_failures", "One-time codes refused", m.otp_failures.clone());
@@ -127,6 +134,7 @@ impl Metrics {
         self.db_pool_idle.set(i64::from(db.pool_idle));
         self.db_writer_queue.set(db.writer_queue as i64);
         self.db_commits.set(db.writer_commits as i64);
+        self.db_writer_busy.set(db.writer_busy_micros as f64 / 1e6);
         self.db_batches.set(db.writer_batches as i64);
         self.sessions_live.set(stats.live_sessions as i64);
         self.sessions_served.set(stats.served_sessions as i64);

@@ -111,6 +111,8 @@ pub struct DbStats {
     /// ratio is the grouping achieved).
     pub writer_commits: u64,
     pub writer_batches: u64,
+    /// Microseconds the writers spent in the database (a total).
+    pub writer_busy_micros: u64,
 }
 
 /// The database: a pool for queries, and the event writer. Cheap to clone;
@@ -262,6 +264,7 @@ impl Database {
             writer_queue: writer.queued.load(Relaxed),
             writer_commits: writer.commits.load(Relaxed),
             writer_batches: writer.batches.load(Relaxed),
+            writer_busy_micros: writer.busy_micros.load(Relaxed),
         }
     }
 }

@@ -66,6 +66,10 @@ pub(super) struct WriterCounters {
     pub commits: AtomicU64,
     /// Batches committed.
     pub batches: AtomicU64,
+    /// Microseconds the thread spent on groups (statements and commit, no
+    /// queueing): against the callers' append time, this splits a commit
+    /// from the hand-offs between threads.
+    pub busy_micros: AtomicU64,
 }
 
 /// The sending side; the thread ends when every handle is dropped, after
@@ -175,7 +179,11 @@ impl Writer {
                 .queued
                 .fetch_sub(jobs.len(), Ordering::Relaxed);
             let batches: Vec<&AppendBatch> = jobs.iter().map(|j| &j.batch).collect();
-            let results = match catch_unwind(AssertUnwindSafe(|| self.process(&batches))) {
+            let started = Instant::now();
+            let outcome = catch_unwind(AssertUnwindSafe(|| self.process(&batches)));
+            let busy = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.counters.busy_micros.fetch_add(busy, Ordering::Relaxed);
+            let results = match outcome {
                 Ok(results) => results,
                 Err(_) => {
                     tracing::error!(
