@@ -7,7 +7,7 @@
 //! --chromium`, which `scripts/test.sh` runs); `DUET_TEST_CHROMIUM` and
 //! `DUET_TEST_CHROMEDRIVER` name other binaries.
 
-use std::os::unix::process::CommandExt;
+use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -35,8 +35,6 @@ impl Browser {
         let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port");
         let driver = Command::new(binary("DUET_TEST_CHROMEDRIVER", "/usr/bin/chromedriver"))
             .arg(format!("--port={port}"))
-            // Its own process group, so Drop can stop the browser with it.
-            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -100,10 +98,24 @@ impl Browser {
     }
 }
 
+/// One blocking HTTP request to the driver, for `Drop` (no runtime there).
+/// Never signal a process group from a test: `kill -KILL -PID` through the
+/// procps binary took down every process of the machine here.
+fn blocking_request(base: &str, method: &str, path: &str) {
+    let Some(addr) = base.strip_prefix("http://") else { return };
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    let mut sink = Vec::new();
+    let _ = s.read_to_end(&mut sink);
+}
+
 impl Drop for Browser {
     fn drop(&mut self) {
-        // A failed test never reached `close`: stop the whole group.
-        let _ = Command::new("kill").args(["-KILL", &format!("-{}", self.driver.id())]).status();
+        // Quits Chromium if `close` was not reached (a failed test), then
+        // the driver itself; both are no-ops once done.
+        blocking_request(&self.base, "DELETE", &format!("/session/{}", self.session));
+        blocking_request(&self.base, "GET", "/shutdown");
         let _ = self.driver.kill();
         let _ = self.driver.wait();
         let _ = std::fs::remove_dir_all(&self.profile);
