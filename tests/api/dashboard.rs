@@ -34,9 +34,13 @@ async fn dashboard_is_pushed_on_change_at_most_four_times_a_second() {
     let allowed = (window * 4.0).ceil() as usize + 1;
     assert!(!dashboards.is_empty(), "changes were pushed");
     assert!(dashboards.len() <= allowed, "{} dashboards in {window:.2} s (at most {allowed})", dashboards.len());
-    for pair in dashboards.windows(2) {
-        let gap = pair[1].0.duration_since(pair[0].0);
-        assert!(gap >= Duration::from_millis(200), "two dashboards {gap:?} apart");
+    // At most 4 per second: any 5 in a row span a second at the server (4
+    // intervals of 250 ms). Arrival times jitter on a loaded machine (one
+    // push delayed, the next on time), so a single gap proves nothing; a
+    // span of five, with 150 ms of slack, does.
+    for five in dashboards.windows(5) {
+        let span = five[4].0.duration_since(five[0].0);
+        assert!(span >= Duration::from_millis(850), "five dashboards within {span:?}");
     }
     let last = &dashboards.last().expect("one at least").1;
     let q = last["queues"].as_array().and_then(|q| q.iter().find(|q| q["topic"] == "support")).expect("the support queue");
