@@ -73,6 +73,12 @@ fn reason(code: CloseCode, text: &str) -> Option<CloseReason> {
     Some(CloseReason { code, description: Some(text.to_owned()) })
 }
 
+/// The close frame for a client that stopped reading, counted.
+fn slow_consumer(metrics: &Metrics) -> Option<CloseReason> {
+    metrics.slow_consumers.inc();
+    reason(CloseCode::from(CLOSE_SLOW_CONSUMER), "too slow; resume")
+}
+
 /// Most frames taken from the inbox for one write: a replay of thousands
 /// goes out in slices, so a ping or a client frame is never held up long.
 const BURST_FRAMES: usize = 64;
@@ -92,12 +98,8 @@ pub fn run<R: Role>(ws: WsSocket, inbox: ConnInbox, role: R, limits: Limits, met
     async move {
         let close = run_loop(&mut ws, &mut inbox, &mut role, &limits, &metrics).await;
         role.closed();
-        let close = close.or_else(|| {
-            inbox.kill.is_killed().then(|| {
-                metrics.slow_consumers.inc();
-                CloseReason { code: CloseCode::from(CLOSE_SLOW_CONSUMER), description: Some("too slow; resume".into()) }
-            })
-        });
+        // A write that failed because the actors killed the socket meanwhile.
+        let close = close.or_else(|| if inbox.kill.is_killed() { slow_consumer(&metrics) } else { None });
         if let Some(reason) = close {
             // Best effort: a peer that stopped reading may never take it.
             let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(Some(reason))).await;
@@ -140,8 +142,7 @@ async fn run_loop<R: Role>(ws: &mut WsSocket, inbox: &mut ConnInbox, role: &mut 
             biased;
             _ = kill.killed() => {
                 info!(conn_id = role.conn_id(), role = R::NAME, "closing a connection that stopped reading");
-                metrics.slow_consumers.inc();
-                break reason(CloseCode::from(CLOSE_SLOW_CONSUMER), "too slow; resume");
+                break slow_consumer(metrics);
             }
             frame = inbox.recv() => {
                 let Some(first) = frame else { break None };
@@ -215,7 +216,7 @@ async fn on_message<R: Role>(
                         return Step::Close(reason(CloseCode::Policy, "rate limit"));
                     }
                     let r = match &msg {
-                        Incoming::Text(t) => std::str::from_utf8(t).ok().and_then(R::ref_of),
+                        Incoming::Text(t) => R::ref_of(t),
                         _ => None,
                     };
                     let e = ActorError::RateLimited { message: "slow down: too many messages", retry_after_ms: 1000 };
@@ -226,10 +227,7 @@ async fn on_message<R: Role>(
             }
             metrics.frames_in.inc();
             match msg {
-                Incoming::Text(t) => match std::str::from_utf8(&t) {
-                    Ok(text) => role.on_text(text, out).await,
-                    Err(_) => return Step::Close(reason(CloseCode::Invalid, "text frames must be UTF-8")),
-                },
+                Incoming::Text(t) => role.on_text(&t, out).await,
                 Incoming::Binary(b) => role.on_binary(b.len(), out),
                 _ => {}
             }

@@ -17,6 +17,7 @@ use std::io;
 
 use actix_http::ws::{CloseCode, CloseReason, Codec, Frame, Item, Message, ProtocolError};
 use bytes::{Bytes, BytesMut};
+use bytestring::ByteString;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use actix_codec::{Decoder, Encoder};
@@ -27,7 +28,8 @@ const READ_CHUNK: usize = 4096;
 /// A whole message or control frame from the client.
 #[derive(Debug, PartialEq)]
 pub enum Incoming {
-    Text(Bytes),
+    /// Checked UTF-8, once, here.
+    Text(ByteString),
     Binary(Bytes),
     Ping(Bytes),
     Pong,
@@ -151,10 +153,7 @@ impl FrameReader {
 }
 
 fn text(b: Bytes) -> Result<Incoming, ReadError> {
-    match std::str::from_utf8(&b) {
-        Ok(_) => Ok(Incoming::Text(b)),
-        Err(_) => Err(ReadError::NotUtf8),
-    }
+    ByteString::try_from(b).map(Incoming::Text).map_err(|_| ReadError::NotUtf8)
 }
 
 /// The payload length a frame header announces, once the header is there.
@@ -305,7 +304,7 @@ mod tests {
         r.feed(&f[..3]);
         assert_eq!(r.next(), Ok(None));
         r.feed(&f[3..]);
-        assert_eq!(r.next(), Ok(Some(Incoming::Text(Bytes::from_static(br#"{"type":"ping"}"#)))));
+        assert_eq!(r.next(), Ok(Some(Incoming::Text(ByteString::from_static(r#"{"type":"ping"}"#)))));
         assert_eq!(r.next(), Ok(None));
         assert_eq!(r.buf.capacity(), 0, "an idle reader holds no buffer");
     }
@@ -317,7 +316,7 @@ mod tests {
         r.feed(&client_frame(true, 9, b"")); // a ping between fragments
         r.feed(&client_frame(true, 0, b"lo"));
         assert_eq!(r.next(), Ok(Some(Incoming::Ping(Bytes::new()))));
-        assert_eq!(r.next(), Ok(Some(Incoming::Text(Bytes::from_static(b"hello")))));
+        assert_eq!(r.next(), Ok(Some(Incoming::Text(ByteString::from_static("hello")))));
         r.feed(&client_frame(false, 2, b"123456"));
         r.feed(&client_frame(true, 0, b"78901"));
         assert_eq!(r.next(), Err(ReadError::TooLarge));
