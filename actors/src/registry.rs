@@ -218,11 +218,26 @@ impl RegistryActor {
         sessions.sort_by_key(|s| s.started_at_ms);
         let mut agents: Vec<AgentView> = self.agents.values().map(|a| a.view.clone()).collect();
         agents.sort_by(|a, b| a.id.cmp(&b.id));
+        mark_serving_agents_busy(&sessions, &mut agents);
         Dashboard {
             queues,
             sessions,
             agents,
             nodes: vec![NodeView { id: self.settings.node_id.clone(), sessions: self.sessions.len(), last_seen_s: 0 }],
+        }
+    }
+}
+
+/// A session reports its agent before the agent reports itself busy (its
+/// report comes one hop later): the sessions are the truth, so one snapshot
+/// never shows an agent available (or away) while it serves. An offline
+/// agent stays offline: serving does not bring its socket back.
+fn mark_serving_agents_busy(sessions: &[SessionView], agents: &mut [AgentView]) {
+    for s in sessions {
+        let Some(id) = &s.agent_id else { continue };
+        if let Some(a) = agents.iter_mut().find(|a| a.id == *id && a.status != AgentStatus::Offline) {
+            a.status = AgentStatus::Busy;
+            a.session_id = Some(s.session_id.clone());
         }
     }
 }
@@ -594,5 +609,36 @@ impl Handler<GetDeps> for RegistryActor {
 
     fn handle(&mut self, _: GetDeps, ctx: &mut Context<Self>) -> Self::Result {
         MessageResult(self.deps(ctx))
+    }
+}
+
+#[cfg(test)]
+mod dashboard_tests {
+    use super::*;
+
+    fn agent(id: &str, status: AgentStatus) -> AgentView {
+        AgentView { id: Arc::from(id), name: Arc::from(id), status, session_id: None, node: Arc::from("n") }
+    }
+
+    #[test]
+    fn an_agent_whose_session_is_reported_first_is_shown_busy() {
+        let session = SessionView {
+            session_id: Arc::from("s1"),
+            customer: Arc::from("Guest"),
+            agent: Some(Arc::from("a")),
+            agent_id: Some(Arc::from("a")),
+            topic: Arc::from("support"),
+            mode: crate::domain::Mode::Human,
+            started_at_ms: 0,
+            node: Arc::from("n"),
+            stats: None,
+        };
+        let mut gone = session.clone();
+        (gone.session_id, gone.agent_id) = (Arc::from("s2"), Some(Arc::from("c")));
+        let mut agents = vec![agent("a", AgentStatus::Available), agent("b", AgentStatus::Available), agent("c", AgentStatus::Offline)];
+        mark_serving_agents_busy(&[session, gone], &mut agents);
+        assert_eq!((agents[0].status, agents[0].session_id.as_deref()), (AgentStatus::Busy, Some("s1")));
+        assert_eq!((agents[1].status, agents[1].session_id.as_deref()), (AgentStatus::Available, None));
+        assert_eq!(agents[2].status, AgentStatus::Offline);
     }
 }

@@ -230,6 +230,7 @@ impl SessionActor {
             session_id: self.record.id.clone(),
             customer: self.record.customer_name.clone(),
             agent: Some(agent.name.clone()),
+            agent_id: Some(agent.id.clone()),
             topic: self.record.topic.clone(),
             mode: self.record.mode,
             started_at_ms: self.started_at_ms,

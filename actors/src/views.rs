@@ -36,6 +36,9 @@ pub struct SessionView {
     pub session_id: SessionId,
     pub customer: Arc<str>,
     pub agent: Option<Arc<str>>,
+    /// Who serves it; not on the wire, it lets the registry show that agent
+    /// busy in the same snapshot (the agent's own report comes a hop later).
+    pub agent_id: Option<AgentId>,
     pub topic: Arc<str>,
     pub mode: Mode,
     pub started_at_ms: i64,
