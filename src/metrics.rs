@@ -54,6 +54,8 @@ pub struct Metrics {
     pub db_commits: Gauge,
     pub db_writer_busy: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub db_batches: Gauge,
+    pub db_wal_checkpoints: Gauge,
+    pub db_wal_checkpoint: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub otp_requests: Counter,
     pub otp_failures: Counter,
 }
@@ -88,6 +90,8 @@ impl Metrics {
             db_commits: Gauge::default(),
             db_writer_busy: Gauge::default(),
             db_batches: Gauge::default(),
+            db_wal_checkpoints: Gauge::default(),
+            db_wal_checkpoint: Gauge::default(),
             otp_requests: Counter::default(),
             otp_failures: Counter::default(),
             registry: Registry::default(),
@@ -122,6 +126,16 @@ impl Metrics {
             m.db_writer_busy.clone(),
         );
         registry.register("db_group_batches", "Session batches in those commits (a total)", m.db_batches.clone());
+        registry.register(
+            "db_wal_checkpoints",
+            "SQLite: WAL checkpoints the writer finished between group commits (a total)",
+            m.db_wal_checkpoints.clone(),
+        );
+        registry.register(
+            "db_wal_checkpoint_seconds",
+            "SQLite: seconds the writer spent finishing them (a total; the writer pauses meanwhile)",
+            m.db_wal_checkpoint.clone(),
+        );
         registry.register("otp_requests", "One-time codes requested", m.otp_requests.clone());
         registry.register("otp_failures", "One-time codes refused", m.otp_failures.clone());
         Metrics { registry, ..m }
@@ -136,6 +150,8 @@ impl Metrics {
         self.db_commits.set(db.writer_commits as i64);
         self.db_writer_busy.set(db.writer_busy_micros as f64 / 1e6);
         self.db_batches.set(db.writer_batches as i64);
+        self.db_wal_checkpoints.set(db.wal_checkpoints as i64);
+        self.db_wal_checkpoint.set(db.wal_checkpoint_micros as f64 / 1e6);
         self.sessions_live.set(stats.live_sessions as i64);
         self.sessions_served.set(stats.served_sessions as i64);
         self.agents.set(stats.agents as i64);

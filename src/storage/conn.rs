@@ -142,10 +142,16 @@ impl ConnManager {
                     SqliteConnection::establish(path).map_err(r2d2::Error::ConnectionError)?;
                 c.batch_execute(&format!("PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}"))
                     .map_err(r2d2::Error::QueryError)?;
-                // No checkpoint inside a commit: `spawn_checkpointer` runs them
-                // beside the writer, so no ack waits for a checkpoint's fsync.
-                c.batch_execute("PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL; PRAGMA wal_autocheckpoint = 0")
-                    .map_err(r2d2::Error::QueryError)?;
+                // No checkpoint inside a commit: `storage::checkpoint` runs
+                // them beside the writer and between its groups, so no ack
+                // waits for a whole checkpoint; the WAL is cut back to a
+                // bound when it restarts after a burst.
+                c.batch_execute(&format!(
+                    "PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL; PRAGMA wal_autocheckpoint = 0; \
+                     PRAGMA journal_size_limit = {}",
+                    super::checkpoint::WAL_SIZE_LIMIT_BYTES
+                ))
+                .map_err(r2d2::Error::QueryError)?;
                 Ok(DbConn::Sqlite(c))
             }
         }

@@ -17,6 +17,7 @@
 
 mod admins;
 mod append;
+mod checkpoint;
 mod conn;
 mod db_conn;
 mod error;
@@ -113,6 +114,10 @@ pub struct DbStats {
     pub writer_batches: u64,
     /// Microseconds the writers spent in the database (a total).
     pub writer_busy_micros: u64,
+    /// SQLite: WAL checkpoints the writer finished between groups, and the
+    /// microseconds they took (a pause of the writer each).
+    pub wal_checkpoints: u64,
+    pub wal_checkpoint_micros: u64,
 }
 
 /// The database: a pool for queries, and the event writer. Cheap to clone;
@@ -127,6 +132,8 @@ struct Inner {
     backend: Backend,
     opts: DbOptions,
     events: Arc<SqlEventStore>,
+    /// SQLite's checkpoint steps (their figures).
+    wal: Option<Arc<checkpoint::WalCheckpoints>>,
     _alive: Arc<()>,
 }
 
@@ -184,12 +191,13 @@ impl Database {
             Backend::Postgres => opts.pg_writers,
             Backend::Sqlite => 1,
         };
-        let writer = WriterHandle::spawn(manager.clone(), limits, writers)
+        let wal = (backend == Backend::Sqlite).then(|| Arc::new(checkpoint::WalCheckpoints::default()));
+        let writer = WriterHandle::spawn(manager.clone(), limits, writers, wal.clone())
             .map_err(|e| StorageError::internal(format!("cannot start the event writer: {e}")))?;
         // The checkpointer runs while any clone of this `Database` lives.
         let alive = Arc::new(());
-        if backend == Backend::Sqlite {
-            spawn_checkpointer(manager, Arc::downgrade(&alive))?;
+        if let Some(wal) = &wal {
+            checkpoint::spawn_checkpointer(manager, Arc::downgrade(&alive), wal.clone())?;
         }
         let events = Arc::new(SqlEventStore::new(
             pool.clone(),
@@ -202,6 +210,7 @@ impl Database {
                 backend,
                 opts,
                 events,
+                wal,
                 _alive: alive,
             }),
         })
@@ -265,6 +274,8 @@ impl Database {
             writer_commits: writer.commits.load(Relaxed),
             writer_batches: writer.batches.load(Relaxed),
             writer_busy_micros: writer.busy_micros.load(Relaxed),
+            wal_checkpoints: self.inner.wal.as_ref().map_or(0, |w| w.finished.load(Relaxed)),
+            wal_checkpoint_micros: self.inner.wal.as_ref().map_or(0, |w| w.finish_micros.load(Relaxed)),
         }
     }
 }
@@ -288,31 +299,4 @@ where
     tokio::task::spawn_blocking(move || span.in_scope(|| with_conn(&pool, timeout, f)))
         .await
         .map_err(|e| StorageError::internal(format!("database task failed: {e}")))?
-}
-
-/// SQLite's WAL checkpoints, off the commit path: a thread with its own
-/// connection folds the WAL back into the database every 500 ms (PASSIVE:
-/// never blocks the writer). Left to `wal_autocheckpoint`, a commit now and
-/// then would also copy and fsync the database file before its ack.
-fn spawn_checkpointer(manager: ConnManager, alive: std::sync::Weak<()>) -> Result<(), StorageError> {
-    use diesel::connection::SimpleConnection;
-    std::thread::Builder::new()
-        .name("duet-db-checkpoint".to_owned())
-        .spawn(move || {
-            let mut conn = None;
-            while alive.upgrade().is_some() {
-                std::thread::sleep(Duration::from_millis(500));
-                if conn.is_none() {
-                    conn = manager.open().ok();
-                }
-                if let Some(c) = conn.as_mut() {
-                    if let Err(e) = c.batch_execute("PRAGMA wal_checkpoint(PASSIVE)") {
-                        tracing::warn!(error = %e, "WAL checkpoint failed");
-                        conn = None;
-                    }
-                }
-            }
-        })
-        .map(|_| ())
-        .map_err(|e| StorageError::internal(format!("cannot start the checkpointer: {e}")))
 }

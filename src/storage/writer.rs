@@ -32,6 +32,7 @@ use duet_actors::ports::AppendBatch;
 use tokio::sync::oneshot;
 
 use super::append::{commit_group, commit_plain_group_pg, validate, SeqCache};
+use super::checkpoint::{self, WalCheckpoints};
 use super::conn::ConnManager;
 use super::{DbConn, StorageError};
 
@@ -90,6 +91,7 @@ impl WriterHandle {
         manager: ConnManager,
         limits: GroupLimits,
         writers: usize,
+        wal: Option<Arc<WalCheckpoints>>,
     ) -> std::io::Result<WriterHandle> {
         let counters = Arc::new(WriterCounters::default());
         let mut txs = Vec::new();
@@ -108,6 +110,7 @@ impl WriterHandle {
                 retry_at: None,
                 carry: None,
                 seqs: SeqCache::default(),
+                wal: wal.clone(),
             };
             std::thread::Builder::new()
                 .name(format!("duet-db-writer-{i}"))
@@ -162,6 +165,8 @@ struct Writer {
     carry: Option<Job>,
     /// Where each session's log stands, as far as this writer knows.
     seqs: SeqCache,
+    /// SQLite: the checkpoint steps this writer finishes between groups.
+    wal: Option<Arc<WalCheckpoints>>,
 }
 
 impl Writer {
@@ -198,6 +203,11 @@ impl Writer {
             for (job, result) in jobs.into_iter().zip(results) {
                 // The caller may have stopped waiting; the outcome stands.
                 let _ = job.done.send(result);
+            }
+            // After the acks, before the next group: nothing is appended
+            // while it runs, so the WAL can restart.
+            if let Some(wal) = &self.wal {
+                checkpoint::finish(wal, self.conn.as_mut());
             }
         }
         tracing::debug!("event writer stopped");

@@ -3,4 +3,4 @@
 mod admins;
 mod events;
 mod outage;
-mod support;
+pub(super) mod support;
