@@ -54,6 +54,7 @@ pub struct Metrics {
     pub db_commits: Gauge,
     pub db_writer_busy: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub db_batches: Gauge,
+    pub db_helper_commits: Gauge,
     pub db_wal_checkpoints: Gauge,
     pub db_wal_checkpoint: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub otp_requests: Counter,
@@ -90,6 +91,7 @@ impl Metrics {
             db_commits: Gauge::default(),
             db_writer_busy: Gauge::default(),
             db_batches: Gauge::default(),
+            db_helper_commits: Gauge::default(),
             db_wal_checkpoints: Gauge::default(),
             db_wal_checkpoint: Gauge::default(),
             otp_requests: Counter::default(),
@@ -127,6 +129,11 @@ impl Metrics {
         );
         registry.register("db_group_batches", "Session batches in those commits (a total)", m.db_batches.clone());
         registry.register(
+            "db_helper_commits",
+            "Group commits by helper writers, beside a main writer whose commit ran long (a total)",
+            m.db_helper_commits.clone(),
+        );
+        registry.register(
             "db_wal_checkpoints",
             "SQLite: WAL checkpoints the writer finished between group commits (a total)",
             m.db_wal_checkpoints.clone(),
@@ -150,6 +157,7 @@ impl Metrics {
         self.db_commits.set(db.writer_commits as i64);
         self.db_writer_busy.set(db.writer_busy_micros as f64 / 1e6);
         self.db_batches.set(db.writer_batches as i64);
+        self.db_helper_commits.set(db.writer_helper_commits as i64);
         self.db_wal_checkpoints.set(db.wal_checkpoints as i64);
         self.db_wal_checkpoint.set(db.wal_checkpoint_micros as f64 / 1e6);
         self.sessions_live.set(stats.live_sessions as i64);

@@ -143,6 +143,16 @@ impl SeqCache {
         }
     }
 
+    /// Moves the entry of `id` from `from` into this cache (none there:
+    /// none here either); a session's entry travels with the writer that
+    /// holds the session.
+    pub(super) fn adopt(&mut self, id: &Arc<str>, from: &mut SeqCache) {
+        match from.last.remove(id) {
+            Some(last) => self.last.insert(id.clone(), last),
+            None => self.last.remove(id),
+        };
+    }
+
     /// After a failure: what was stored is unknown, so ask storage next time.
     pub(super) fn forget(&mut self, batches: &[&AppendBatch]) {
         for b in batches {

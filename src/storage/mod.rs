@@ -83,9 +83,13 @@ pub struct DbOptions {
     /// How long the writer waits for more batches before committing; zero
     /// takes what is queued right now.
     pub batch_linger: Duration,
-    /// Writer threads (each with its own connection) for PostgreSQL; SQLite
-    /// always has one (it has one writer at a time anyway).
+    /// Writer threads (each with its own connection) for PostgreSQL: the
+    /// main one and helpers; SQLite always has one (it has one writer at a
+    /// time anyway).
     pub pg_writers: usize,
+    /// How long the main writer's commit runs before a helper commits the
+    /// next group beside it (see `writer`).
+    pub help_after: Duration,
 }
 
 impl Default for DbOptions {
@@ -96,6 +100,7 @@ impl Default for DbOptions {
             batch_max: 1000,
             batch_linger: Duration::ZERO,
             pg_writers: 3,
+            help_after: Duration::from_millis(1),
         }
     }
 }
@@ -112,6 +117,8 @@ pub struct DbStats {
     /// ratio is the grouping achieved).
     pub writer_commits: u64,
     pub writer_batches: u64,
+    /// Of the commits, those of helper writers (PostgreSQL, slow commits).
+    pub writer_helper_commits: u64,
     /// Microseconds the writers spent in the database (a total).
     pub writer_busy_micros: u64,
     /// SQLite: WAL checkpoints the writer finished between groups, and the
@@ -186,6 +193,7 @@ impl Database {
         let limits = GroupLimits {
             batch_max: opts.batch_max,
             batch_linger: opts.batch_linger,
+            help_after: opts.help_after,
         };
         let writers = match backend {
             Backend::Postgres => opts.pg_writers,
@@ -273,6 +281,7 @@ impl Database {
             writer_queue: writer.queued.load(Relaxed),
             writer_commits: writer.commits.load(Relaxed),
             writer_batches: writer.batches.load(Relaxed),
+            writer_helper_commits: writer.helper_commits.load(Relaxed),
             writer_busy_micros: writer.busy_micros.load(Relaxed),
             wal_checkpoints: self.inner.wal.as_ref().map_or(0, |w| w.finished.load(Relaxed)),
             wal_checkpoint_micros: self.inner.wal.as_ref().map_or(0, |w| w.finish_micros.load(Relaxed)),

@@ -201,7 +201,7 @@ async fn appended_events_read_back_in_order_with_snapshot() {
 
 #[tokio::test]
 async fn many_sessions_commit_in_groups_and_keep_each_order() {
-    // A small batch_max forces many groups and the carry-over between them.
+    // A small batch_max forces many groups, each taken where the one before stopped.
     let opts = DbOptions {
         batch_max: 64,
         ..DbOptions::default()
@@ -237,6 +237,51 @@ async fn many_sessions_commit_in_groups_and_keep_each_order() {
             assert_eq!(seqs(&page), vec![1, 2, 3, 4, 5, 6]);
             let snap = store.load_session(id).await.expect("load").expect("stored");
             assert_eq!((snap.last_seq, snap.client_keys.len()), (6, 5));
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn helpers_commit_beside_a_slow_main_writer_and_no_session_is_reordered() {
+    // Helpers take groups at once while the main writer commits: the most
+    // interleaving the writers can see.
+    let opts = DbOptions {
+        help_after: Duration::ZERO,
+        ..DbOptions::default()
+    };
+    each_backend(opts, |db| async move {
+        let store = db.event_store();
+        let tasks = (0..40).map(|_| {
+            let store = store.clone();
+            async move {
+                let id = sid();
+                store.append(create(&id)).await.expect("create");
+                let mut seq = 1;
+                for _ in 0..10 {
+                    // One append awaited, then three queued back to back:
+                    // a session's later batches must wait for its earlier
+                    // ones, whichever writer holds them.
+                    seq += 1;
+                    store.append(says(&id, seq, Some(&format!("c:{seq}")))).await.expect("append");
+                    let burst: Vec<_> = (1..=3).map(|k| store.append(says(&id, seq + k, Some(&format!("c:{}", seq + k))))).collect();
+                    for r in join_all(burst).await {
+                        assert_eq!(r, Ok(()));
+                    }
+                    seq += 3;
+                }
+                (id, seq)
+            }
+        });
+        for (id, last) in join_all(tasks).await {
+            let page = store.events_after(&id, 0, 100).await.expect("page");
+            assert_eq!(seqs(&page), (1..=last).collect::<Vec<_>>());
+        }
+        let stats = db.stats();
+        if db.backend() == Backend::Postgres {
+            assert!(stats.writer_helper_commits > 0, "helpers took part: {stats:?}");
+        } else {
+            assert_eq!(stats.writer_helper_commits, 0, "SQLite has one writer");
         }
     })
     .await;
