@@ -231,11 +231,14 @@ impl RegistryActor {
 /// A session reports its agent before the agent reports itself busy (its
 /// report comes one hop later): the sessions are the truth, so one snapshot
 /// never shows an agent available (or away) while it serves. An offline
-/// agent stays offline: serving does not bring its socket back.
+/// agent stays offline: serving does not bring its socket back. `agents`
+/// is sorted by id.
 fn mark_serving_agents_busy(sessions: &[SessionView], agents: &mut [AgentView]) {
     for s in sessions {
         let Some(id) = &s.agent_id else { continue };
-        if let Some(a) = agents.iter_mut().find(|a| a.id == *id && a.status != AgentStatus::Offline) {
+        let Ok(i) = agents.binary_search_by(|a| a.id.cmp(id)) else { continue };
+        let a = &mut agents[i];
+        if a.status != AgentStatus::Offline {
             a.status = AgentStatus::Busy;
             a.session_id = Some(s.session_id.clone());
         }

@@ -16,8 +16,9 @@
 //! second doubled the rest and the WAL (p99 at 10 000 msg/s 33 ms).
 //!
 //! So: the thread `duet-db-checkpoint` does the bulk of the copying every
-//! [`CHECKPOINT_EVERY`] with its own connection, beside the writer; when
-//! frames are left, it raises [`WalCheckpoints::finish_wanted`]. The writer,
+//! [`CHECKPOINT_EVERY`] with its own connection, beside the writer
+//! (passes until one is short, see [`converge`]); whenever the WAL holds
+//! frames it then raises [`WalCheckpoints::finish_wanted`]. The writer,
 //! between two groups (it is the only writer, so nothing is appended
 //! meanwhile), runs the short rest ([`finish`]): the few pages written since,
 //! and the fsync of the database file. Its next transaction then restarts
@@ -46,8 +47,9 @@ pub(super) const WAL_SIZE_LIMIT_BYTES: u64 = 128 * 1024 * 1024;
 /// Shared by the checkpointer thread and the writer.
 #[derive(Debug, Default)]
 pub(super) struct WalCheckpoints {
-    /// Frames are left after the checkpointer's pass: the writer should
-    /// finish it between two groups.
+    /// The checkpointer's pass is done and the WAL holds frames (the
+    /// writer has appended since the pass began): the writer should finish
+    /// the checkpoint between two groups.
     finish_wanted: AtomicBool,
     /// Checkpoints the writer finished, for metrics and tests.
     pub finished: AtomicU64,

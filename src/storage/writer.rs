@@ -77,7 +77,7 @@ pub(super) struct WriterCounters {
     pub queued: AtomicUsize,
     /// Transactions committed (one per group, or per batch in a fallback).
     pub commits: AtomicU64,
-    /// Of those, the helpers' groups.
+    /// Of those, the helpers' transactions.
     pub helper_commits: AtomicU64,
     /// Batches committed.
     pub batches: AtomicU64,
@@ -204,35 +204,42 @@ impl Drop for WriterHandle {
     }
 }
 
+/// A group being formed or committed: its jobs, the sessions it holds
+/// (no other writer takes their batches meanwhile) and their seq entries.
+#[derive(Default)]
+struct Group {
+    jobs: Vec<Job>,
+    held: HashSet<Arc<str>>,
+    seqs: SeqCache,
+}
+
 /// Takes from the queue, in order, the jobs of sessions no other writer
 /// holds, up to `room` events (a batch without events counts as one), and
-/// marks their sessions as held. Answers how many events it took.
-fn take(q: &mut Queue, room: usize, into: &mut Vec<Job>, seqs: &mut SeqCache) -> usize {
+/// marks their sessions as held by `group`. Answers how many events it
+/// took. The queue keeps its buffer: skipped jobs are rotated to the back,
+/// in their order.
+fn take(q: &mut Queue, room: usize, group: &mut Group) -> usize {
     let weight = |j: &Job| j.batch.events.len().max(1);
     let mut taken = 0;
-    let mut mine: HashSet<Arc<str>> = into.iter().map(|j| j.batch.session_id.clone()).collect();
-    let mut rest = VecDeque::with_capacity(q.jobs.len());
-    while let Some(job) = q.jobs.pop_front() {
+    let mut full = false;
+    for _ in 0..q.jobs.len() {
+        let Some(job) = q.jobs.pop_front() else { break };
         let id = &job.batch.session_id;
-        let held_elsewhere = q.in_flight.contains(id) && !mine.contains(id);
+        let held_elsewhere = q.in_flight.contains(id) && !group.held.contains(id);
         // A group holds at least one job, whatever its size.
-        let fits = taken + weight(&job) <= room || (taken == 0 && into.is_empty());
-        if held_elsewhere || !fits {
-            rest.push_back(job);
-            // Whatever follows must not overtake what stays behind.
-            if !fits {
-                rest.extend(q.jobs.drain(..));
-            }
+        full = full || !(taken + weight(&job) <= room || (taken == 0 && group.jobs.is_empty()));
+        // Once full, nothing after may overtake what stays behind.
+        if held_elsewhere || full {
+            q.jobs.push_back(job);
             continue;
         }
-        if mine.insert(id.clone()) {
+        if group.held.insert(id.clone()) {
             q.in_flight.insert(id.clone());
-            seqs.adopt(id, &mut q.seqs);
+            group.seqs.adopt(id, &mut q.seqs);
         }
         taken += weight(&job);
-        into.push(job);
+        group.jobs.push(job);
     }
-    q.jobs = rest;
     taken
 }
 
@@ -252,7 +259,7 @@ struct Writer {
 impl Writer {
     fn run(mut self) {
         let shared = self.shared.clone();
-        while let Some((jobs, mut seqs)) = self.next_group() {
+        while let Some(Group { jobs, held, mut seqs }) = self.next_group() {
             shared.counters.queued.fetch_sub(jobs.len(), Ordering::Relaxed);
             let batches: Vec<&AppendBatch> = jobs.iter().map(|j| &j.batch).collect();
             let started = Instant::now();
@@ -269,14 +276,10 @@ impl Writer {
                     vec![Err(StoreError::Internal); batches.len()]
                 }
             };
-            if !self.main {
-                shared.counters.helper_commits.fetch_add(1, Ordering::Relaxed);
-            }
-            let sessions: HashSet<Arc<str>> = batches.iter().map(|b| b.session_id.clone()).collect();
             drop(batches);
             // Release the sessions before the acks: a session's next batch,
             // sent as soon as its ack arrives, is then free to be taken.
-            self.release(sessions, seqs);
+            self.release(held, seqs);
             for (job, result) in jobs.into_iter().zip(results) {
                 // The caller may have stopped waiting; the outcome stands.
                 let _ = job.done.send(result);
@@ -290,33 +293,31 @@ impl Writer {
         tracing::debug!(main = self.main, "event writer stopped");
     }
 
-    /// Waits for a group to commit: its jobs and the seq cache entries of
-    /// their sessions. `None` once the handle is gone and the queue empty.
-    fn next_group(&mut self) -> Option<(Vec<Job>, SeqCache)> {
+    /// Waits for a group to commit. `None` once the handle is gone and the
+    /// queue is empty.
+    fn next_group(&mut self) -> Option<Group> {
         let shared = &*self.shared;
         let limits = shared.limits;
         let mut q = shared.lock();
-        let mut jobs = Vec::new();
-        let mut seqs = SeqCache::default();
-        loop {
+        let mut group = Group::default();
+        let mut total = loop {
             if self.main || shared.help_wanted(&q) {
-                take(&mut q, limits.batch_max, &mut jobs, &mut seqs);
-                if !jobs.is_empty() {
-                    break;
+                let taken = take(&mut q, limits.batch_max, &mut group);
+                if !group.jobs.is_empty() {
+                    break taken;
                 }
             }
             if q.closed && q.jobs.is_empty() {
                 return None;
             }
             q = self.wait(q, None);
-        }
+        };
         // Lingering: wait a little for more, then commit what there is.
         let deadline = Instant::now() + limits.batch_linger;
-        let mut total: usize = jobs.iter().map(|j| j.batch.events.len().max(1)).sum();
         while total < limits.batch_max {
             let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else { break };
             q = self.wait(q, Some(left));
-            total += take(&mut q, limits.batch_max - total, &mut jobs, &mut seqs);
+            total += take(&mut q, limits.batch_max - total, &mut group);
             if q.closed {
                 break;
             }
@@ -324,7 +325,7 @@ impl Writer {
         if self.main {
             q.main_busy_since = Some(Instant::now());
         }
-        Some((jobs, seqs))
+        Some(group)
     }
 
     /// Sleeps on this writer's condvar (at most `timeout`), saying so.
@@ -484,6 +485,9 @@ impl Writer {
     fn committed(&self, batches: usize) {
         let counters = &self.shared.counters;
         counters.commits.fetch_add(1, Ordering::Relaxed);
+        if !self.main {
+            counters.helper_commits.fetch_add(1, Ordering::Relaxed);
+        }
         counters.batches.fetch_add(batches as u64, Ordering::Relaxed);
     }
 
