@@ -101,6 +101,7 @@ pub(super) fn spawn_checkpointer(manager: ConnManager, alive: Weak<()>, shared: 
         .name("duet-db-checkpoint".to_owned())
         .spawn(move || {
             let mut conn = None;
+            let mut db_file = None;
             while alive.upgrade().is_some() {
                 std::thread::sleep(CHECKPOINT_EVERY);
                 if conn.is_none() {
@@ -115,7 +116,10 @@ pub(super) fn spawn_checkpointer(manager: ConnManager, alive: Weak<()>, shared: 
                     Ok(row) if row.log == 0 => {}
                     // All copied or not, the writer has appended since (the
                     // row counts the frames there were when the pass began).
-                    Ok(_) => shared.finish_wanted.store(true, Ordering::Release),
+                    Ok(_) => {
+                        sync_copied_pages(&manager, &mut db_file);
+                        shared.finish_wanted.store(true, Ordering::Release);
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "WAL checkpoint failed");
                         conn = None;
@@ -125,6 +129,28 @@ pub(super) fn spawn_checkpointer(manager: ConnManager, alive: Weak<()>, shared: 
         })
         .map(|_| ())
         .map_err(|e| StorageError::internal(format!("cannot start the checkpointer: {e}")))
+}
+
+/// Makes the pages the passes copied durable, here rather than in the
+/// writer's step. SQLite fsyncs the database file only in a pass that
+/// copies the whole WAL, which beside a busy writer is never the
+/// checkpointer's but the writer's: that fsync then wrote every page the
+/// round had copied (megabytes at 2 000 msg/s), 2–11 ms on a virtio disk
+/// during which no commit ran (measured: p99 9–12 ms at 2 000 msg/s).
+/// A failure is logged; the writer's step still syncs what is left.
+fn sync_copied_pages(manager: &ConnManager, db_file: &mut Option<std::fs::File>) {
+    let Some(path) = manager.sqlite_path() else { return };
+    if db_file.is_none() {
+        *db_file = std::fs::File::open(path)
+            .map_err(|e| tracing::warn!(error = %e, "cannot open the database file to sync it"))
+            .ok();
+    }
+    if let Some(f) = db_file.as_ref() {
+        if let Err(e) = f.sync_data() {
+            tracing::warn!(error = %e, "syncing the checkpointed pages failed");
+            *db_file = None;
+        }
+    }
 }
 
 /// The writer's part, called between two groups: when the checkpointer

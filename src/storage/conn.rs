@@ -124,6 +124,14 @@ impl ConnManager {
         self.target.backend()
     }
 
+    /// The database file, for SQLite.
+    pub(crate) fn sqlite_path(&self) -> Option<&str> {
+        match &self.target {
+            Target::Sqlite { path } => Some(path),
+            Target::Postgres { .. } => None,
+        }
+    }
+
     /// Opens one configured connection.
     pub(crate) fn open(&self) -> Result<DbConn, r2d2::Error> {
         match &self.target {
