@@ -21,10 +21,6 @@ use super::rows::{NewEventRow, NewSessionRow, ACTIVE, ENDED, WAITING};
 use super::schema::{events, sessions};
 use super::{DbConn, StorageError};
 
-/// Event rows per INSERT: 6 binds each, so 30 000 binds, under SQLite's
-/// 32 766 (and PostgreSQL's 65 535) bind-parameter limit.
-const EVENT_ROWS_PER_INSERT: usize = 5000;
-
 /// Why a group transaction failed.
 #[derive(Debug)]
 pub(super) enum AppendError {
@@ -215,11 +211,15 @@ fn insert_events(c: &mut DbConn, rows: &[NewEventRow<'_>]) -> Result<(), AppendE
                 return Err(AppendError::Db(diesel::result::Error::RollbackTransaction));
             }
         }
-        // The derived backend has no multi-row INSERT for SQLite, while
-        // SQLite's own connection has one.
+        // One row per INSERT: diesel prepares a one-row INSERT once per
+        // connection, while a multi-row one (its SQL depends on the count)
+        // is parsed and planned again for every group, and needs a
+        // statement journal besides; SQLite runs in-process, so rows cost
+        // no round trip. Measured: parsing was 3 % of the writer's CPU, the
+        // statement journal another 3 %.
         DbConn::Sqlite(lite) => {
-            for chunk in rows.chunks(EVENT_ROWS_PER_INSERT) {
-                diesel::insert_into(events::table).values(chunk).execute(lite)?;
+            for row in rows {
+                diesel::insert_into(events::table).values(row).execute(lite)?;
             }
         }
     }
