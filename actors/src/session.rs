@@ -100,7 +100,9 @@ pub struct SessionActor {
     pending: Vec<Pending>,
     in_flight: Vec<Pending>,
     customer: Option<ConnHandle>,
-    agent: Option<AgentLink>,
+    /// Boxed, like the other fields a waiting customer does not use: this
+    /// struct is part of what each of ten thousand idle sessions costs.
+    agent: Option<Box<AgentLink>>,
     /// Set only on the actor that created the session: the token goes into
     /// the live `session` event and nowhere else.
     fresh_token: Option<ResumeToken>,
@@ -117,8 +119,8 @@ pub struct SessionActor {
     customer_lost: bool,
     /// Set by a handler that changes the phase just before it appends the
     /// event that records the change.
-    phase_before: Option<Phase>,
-    stats: Option<CallStats>,
+    phase_before: Option<Box<Phase>>,
+    stats: Option<Box<CallStats>>,
     started_at_ms: i64,
     span: tracing::Span,
 }
@@ -167,7 +169,7 @@ impl SessionActor {
         };
         let mut actor = SessionActor::new(deps, snap.record, phase, snap.last_seq, snap.client_keys);
         if let Phase::Active { agent } = &actor.phase {
-            actor.agent = Some(AgentLink { info: agent.clone(), addr: None, conn: None });
+            actor.agent = Some(Box::new(AgentLink { info: agent.clone(), addr: None, conn: None }));
         }
         Some(actor.start())
     }
@@ -235,7 +237,7 @@ impl SessionActor {
             mode: self.record.mode,
             started_at_ms: self.started_at_ms,
             node: self.deps.settings.node_id.clone(),
-            stats: self.stats,
+            stats: self.stats.as_deref().copied(),
         })
     }
 
@@ -263,7 +265,7 @@ impl SessionActor {
     ) {
         if self.stale {
             if let Some(phase) = self.phase_before.take() {
-                self.revert_to(phase, ctx);
+                self.revert_to(*phase, ctx);
             }
             let err = ActorError::from(crate::error::StoreError::Unavailable { what: "database" });
             for r in replies {
@@ -301,7 +303,7 @@ impl SessionActor {
         if let Some(k) = &key {
             self.keys.insert(k.clone(), event.seq);
         }
-        let revert = self.phase_before.take();
+        let revert = self.phase_before.take().map(|p| *p);
         self.pending.push(Pending { event, key, change, replies, after, revert });
         self.flush(ctx);
     }
@@ -572,7 +574,7 @@ impl SessionActor {
                     .map(|_, act, _| act.deps.registry.do_send(TopicChanged { topic: act.record.topic.clone() })),
             );
         }
-        self.phase_before = Some(std::mem::replace(&mut self.phase, Phase::Ended));
+        self.phase_before = Some(Box::new(std::mem::replace(&mut self.phase, Phase::Ended)));
         let change = SessionChange::Status(SessionStatus::Ended { reason, at_ms: now_ms() });
         self.append(EventBody::Ended { reason }, None, Some(change), replies, AfterCommit::Finish, ctx);
     }
@@ -842,7 +844,7 @@ impl Handler<FromCustomer> for SessionActor {
                 self.ack_ephemeral(&conn, client_ref);
             }
             CustomerCmd::Stats { stats, client_ref } => {
-                self.stats = Some(stats);
+                self.stats = Some(Box::new(stats));
                 if let Some(c) = self.agent.as_ref().and_then(|l| l.conn.as_ref()) {
                     c.push(Outbound::Stats { session_id: self.record.id.clone(), stats });
                 }
@@ -976,9 +978,9 @@ impl Handler<Assign> for SessionActor {
         }
         let (tx, rx) = oneshot::channel();
         info!(agent_id = %msg.agent.id, "assigned");
-        self.phase_before = Some(std::mem::replace(&mut self.phase, Phase::Active { agent: msg.agent.clone() }));
+        self.phase_before = Some(Box::new(std::mem::replace(&mut self.phase, Phase::Active { agent: msg.agent.clone() })));
         self.started_at_ms = now_ms();
-        self.agent = Some(AgentLink { info: msg.agent.clone(), addr: Some(msg.agent_addr), conn: msg.conn });
+        self.agent = Some(Box::new(AgentLink { info: msg.agent.clone(), addr: Some(msg.agent_addr), conn: msg.conn }));
         if let Some(t) = self.agent_timer.take() {
             ctx.cancel_future(t);
         }
