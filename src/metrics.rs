@@ -28,6 +28,7 @@ pub struct Metrics {
     pub connections_total: Family<RoleLabel, Counter>,
     pub frames_in: Counter,
     pub frames_rejected: Counter,
+    pub frames_direct: Counter,
     pub heartbeat_drops: Counter,
     pub slow_consumers: Counter,
     pub upgrades_refused: Counter,
@@ -69,6 +70,7 @@ impl Metrics {
             connections_total: Family::default(),
             frames_in: Counter::default(),
             frames_rejected: Counter::default(),
+            frames_direct: Counter::default(),
             heartbeat_drops: Counter::default(),
             slow_consumers: Counter::default(),
             upgrades_refused: Counter::default(),
@@ -102,6 +104,11 @@ impl Metrics {
         registry.register("connections_opened", "WebSocket connections opened", m.connections_total.clone());
         registry.register("frames_in", "Client frames received", m.frames_in.clone());
         registry.register("frames_rejected", "Client frames refused (rate limit, size)", m.frames_rejected.clone());
+        registry.register(
+            "frames_direct",
+            "Live events written into an agent's socket by the session's thread (the socket's own thread not woken)",
+            m.frames_direct.clone(),
+        );
         registry.register("heartbeat_drops", "Connections dropped for missing pongs", m.heartbeat_drops.clone());
         registry.register("slow_consumers", "Connections closed because they stopped reading", m.slow_consumers.clone());
         registry.register("upgrades_refused", "WebSocket upgrades refused (origin, auth, limits)", m.upgrades_refused.clone());

@@ -7,6 +7,13 @@
 //! produced them. A full channel means the client stopped reading: the
 //! connection is told to close and the client resumes later; nothing is
 //! skipped, and the other sessions of the node are not slowed.
+//!
+//! A connection may also have a [`DirectWrite`]: a live event pushed while
+//! nothing is queued and the socket's loop is asleep is then written by the
+//! pushing thread itself, so the loop's thread is not woken for it (a
+//! relayed message otherwise wakes the agent's worker, a context switch on
+//! the hot path). Order holds because a direct write happens under the
+//! queue's lock, only when the queue is empty and the loop is not writing.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -62,6 +69,9 @@ pub enum Outbound {
     ResumeRefused {
         session_id: SessionId,
     },
+    /// A direct write got part of a frame out; the socket's loop writes
+    /// the rest (kept by the writer) before what is queued behind this.
+    WrittenInPart,
     /// Close the socket with this code and reason.
     Close {
         code: u16,
@@ -73,6 +83,27 @@ pub enum Outbound {
 pub const CLOSE_SUPERSEDED: u16 = 4001;
 /// Close code for a client that stopped reading (its buffer filled up).
 pub const CLOSE_SLOW_CONSUMER: u16 = 1013;
+
+/// What a [`DirectWrite`] did with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direct {
+    /// The whole frame is on the wire.
+    Written,
+    /// Part of it is on the wire; the writer keeps the rest for the
+    /// socket's loop, which writes it before anything else (the queue gets
+    /// [`Outbound::WrittenInPart`] to wake it).
+    Partial,
+    /// Nothing was written (no room in the kernel, or the socket is going):
+    /// the frame is queued as usual.
+    Refused,
+}
+
+/// Writes a frame to the client from the pushing thread (`src/ws`
+/// implements it for agent sockets). Called with the connection's queue
+/// locked, only while the queue is empty and the socket's loop is idle.
+pub trait DirectWrite: Send + Sync + std::fmt::Debug {
+    fn try_write(&self, frame: &Outbound) -> Direct;
+}
 
 /// A cheap, cloneable handle to one client connection.
 #[derive(Clone, Debug)]
@@ -87,8 +118,9 @@ pub struct ConnHandle {
 /// almost nothing here (a channel preallocates a block of slots each).
 #[derive(Debug)]
 struct Shared {
-    frames: Mutex<VecDeque<Outbound>>,
+    frames: Mutex<Frames>,
     capacity: usize,
+    direct: Option<Box<dyn DirectWrite>>,
     /// Frames are waiting, or the connection was killed.
     ready: Notify,
     /// Room was made (for `push_wait`).
@@ -98,6 +130,13 @@ struct Shared {
     killed: AtomicBool,
     /// The socket's loop is gone; pushes are refused.
     closed: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct Frames {
+    queue: VecDeque<Outbound>,
+    /// The socket's loop is awake and may be writing: no direct write now.
+    loop_busy: bool,
 }
 
 impl Shared {
@@ -138,15 +177,35 @@ impl ConnInbox {
     pub fn try_recv(&mut self) -> Option<Outbound> {
         pop(&self.shared)
     }
+
+    /// The loop woke up and may write: direct writes stop until [`idle`].
+    ///
+    /// [`idle`]: ConnInbox::idle
+    pub fn busy(&self) {
+        self.shared.frames.lock().loop_busy = true;
+    }
+
+    /// The loop has written everything and is about to wait: direct writes
+    /// may go ahead, unless frames are still queued (the loop takes those
+    /// first, and stays busy).
+    pub fn idle(&self) {
+        let mut f = self.shared.frames.lock();
+        if f.queue.is_empty() {
+            f.loop_busy = false;
+        }
+    }
 }
 
 fn pop(shared: &Shared) -> Option<Outbound> {
     let mut q = shared.frames.lock();
-    let f = q.pop_front()?;
-    if q.is_empty() {
+    let f = q.queue.pop_front()?;
+    // Taking a frame makes the loop the writer: a direct write may not
+    // overtake the frame it is about to write.
+    q.loop_busy = true;
+    if q.queue.is_empty() {
         // Most sockets are idle most of the time: hold no slots then (the
         // next burst allocates again, which costs less than keeping them).
-        *q = VecDeque::new();
+        q.queue = VecDeque::new();
     }
     drop(q);
     shared.room.notify_one();
@@ -157,7 +216,10 @@ impl Drop for ConnInbox {
     fn drop(&mut self) {
         self.shared.closed.store(true, Ordering::Release);
         self.shared.room.notify_waiters();
-        self.shared.frames.lock().clear();
+        let mut f = self.shared.frames.lock();
+        f.queue.clear();
+        // Never idle again: no direct write after the loop is gone.
+        f.loop_busy = true;
     }
 }
 
@@ -187,9 +249,17 @@ impl KillSignal {
 impl ConnHandle {
     /// A handle and its inbox with room for `capacity` frames.
     pub fn channel(conn_id: u64, capacity: usize) -> (ConnHandle, ConnInbox) {
+        Self::with_direct(conn_id, capacity, None)
+    }
+
+    /// The same, with a way to write live events from the pushing thread.
+    pub fn with_direct(conn_id: u64, capacity: usize, direct: Option<Box<dyn DirectWrite>>) -> (ConnHandle, ConnInbox) {
         let shared = Arc::new(Shared {
-            frames: Mutex::new(VecDeque::new()),
+            // Busy until the loop first waits: nothing is written around
+            // what it sends first (hello).
+            frames: Mutex::new(Frames { queue: VecDeque::new(), loop_busy: true }),
             capacity: capacity.max(1),
+            direct,
             ready: Notify::new(),
             room: Notify::new(),
             kill_notify: Notify::new(),
@@ -210,13 +280,30 @@ impl ConnHandle {
             return false;
         }
         let mut q = self.shared.frames.lock();
-        if q.len() >= self.shared.capacity {
+        if q.queue.len() >= self.shared.capacity {
             drop(q);
             tracing::warn!(conn_id = self.conn_id, "client is not reading; closing it");
             self.shared.kill();
             return false;
         }
-        q.push_back(frame);
+        if let (Some(direct), Outbound::Event(_)) = (&self.shared.direct, &frame) {
+            if q.queue.is_empty() && !q.loop_busy {
+                match direct.try_write(&frame) {
+                    Direct::Written => return true,
+                    Direct::Partial => {
+                        // The loop writes the rest; everything queues behind
+                        // the marker that wakes it.
+                        q.loop_busy = true;
+                        q.queue.push_back(Outbound::WrittenInPart);
+                        drop(q);
+                        self.shared.ready.notify_one();
+                        return true;
+                    }
+                    Direct::Refused => {}
+                }
+            }
+        }
+        q.queue.push_back(frame);
         drop(q);
         self.shared.ready.notify_one();
         true
@@ -234,8 +321,8 @@ impl ConnHandle {
             }
             {
                 let mut q = self.shared.frames.lock();
-                if q.len() < self.shared.capacity {
-                    q.push_back(frame);
+                if q.queue.len() < self.shared.capacity {
+                    q.queue.push_back(frame);
                     drop(q);
                     self.shared.ready.notify_one();
                     return true;
@@ -268,6 +355,85 @@ mod tests {
         inbox.kill.killed().await;
         assert!(!h.is_open());
         assert!(!h.push(pong()), "a killed connection takes nothing");
+    }
+
+    /// Records what it wrote; answers as told.
+    #[derive(Debug, Default)]
+    struct FakeWire {
+        written: Mutex<Vec<Seq>>,
+        answer: Mutex<VecDeque<Direct>>,
+    }
+
+    impl DirectWrite for Arc<FakeWire> {
+        fn try_write(&self, frame: &Outbound) -> Direct {
+            let answer = self.answer.lock().pop_front().unwrap_or(Direct::Written);
+            if answer != Direct::Refused {
+                if let Outbound::Event(e) = frame {
+                    self.written.lock().push(e.seq);
+                }
+            }
+            answer
+        }
+    }
+
+    fn event(seq: Seq) -> Outbound {
+        use crate::domain::{EventBody, Party};
+        Outbound::Event(Arc::new(Event {
+            session_id: SessionId::from("s"),
+            seq,
+            at_ms: 0,
+            body: EventBody::Message { from: Party::Customer, text: Arc::from("hi"), msg_id: Arc::from("m") },
+        }))
+    }
+
+    fn seq_of(f: Option<Outbound>) -> Option<Seq> {
+        match f {
+            Some(Outbound::Event(e)) => Some(e.seq),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn live_events_go_direct_only_while_the_loop_is_idle_and_nothing_is_queued() {
+        let wire = Arc::new(FakeWire::default());
+        let (h, mut inbox) = ConnHandle::with_direct(1, 8, Some(Box::new(wire.clone())));
+        // Before the loop first waits (it is sending hello): queued.
+        assert!(h.push(event(1)));
+        inbox.idle();
+        assert_eq!(seq_of(inbox.try_recv()), Some(1), "a queued frame keeps the loop busy");
+        assert!(h.push(event(2)));
+        assert!(wire.written.lock().is_empty(), "the loop is writing seq 1: seq 2 waits behind it");
+        assert_eq!(seq_of(inbox.try_recv()), Some(2));
+        inbox.idle();
+        assert!(h.push(event(3)));
+        assert!(h.push(Outbound::Close { code: 1000, reason: "x" }), "not an event: queued");
+        assert!(h.push(event(4)), "behind a queued frame: queued");
+        assert_eq!(*wire.written.lock(), vec![3]);
+        assert!(matches!(inbox.try_recv(), Some(Outbound::Close { .. })));
+        assert_eq!(seq_of(inbox.try_recv()), Some(4));
+        inbox.idle();
+        // No room in the kernel: queued, in order.
+        wire.answer.lock().push_back(Direct::Refused);
+        assert!(h.push(event(5)));
+        assert!(h.push(event(6)));
+        assert_eq!(seq_of(inbox.try_recv()), Some(5));
+        assert_eq!(seq_of(inbox.try_recv()), Some(6));
+        inbox.idle();
+        // Half written: the loop finishes it, and the rest queues meanwhile.
+        wire.answer.lock().push_back(Direct::Partial);
+        assert!(h.push(event(7)));
+        assert!(h.push(event(8)));
+        assert_eq!(*wire.written.lock(), vec![3, 7]);
+        assert!(matches!(inbox.try_recv(), Some(Outbound::WrittenInPart)), "the marker wakes the loop first");
+        assert_eq!(seq_of(inbox.try_recv()), Some(8));
+        inbox.idle();
+        inbox.busy();
+        assert!(h.push(event(9)), "a loop woken for input writes: queued");
+        assert_eq!(seq_of(inbox.try_recv()), Some(9));
+        inbox.idle();
+        drop(inbox);
+        assert!(!h.push(event(10)), "a closed connection takes nothing");
+        assert_eq!(*wire.written.lock(), vec![3, 7]);
     }
 
     #[tokio::test]

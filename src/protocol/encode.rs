@@ -130,7 +130,7 @@ pub fn encode(frame: &Outbound) -> Option<String> {
         }),
         Outbound::Resumed { session_id } => serde_json::to_string(&ResumedFrame { kind: "resumed", session_id }),
         Outbound::Dashboard(d) => serde_json::to_string(&DashboardFrame::new("dashboard", d)),
-        Outbound::Detached { .. } | Outbound::ResumeRefused { .. } | Outbound::Close { .. } => return None,
+        Outbound::Detached { .. } | Outbound::ResumeRefused { .. } | Outbound::Close { .. } | Outbound::WrittenInPart => return None,
     };
     json.ok()
 }

@@ -23,6 +23,8 @@ pub struct AgentRole {
     pub app: Arc<AppState>,
     pub handle: ConnHandle,
     pub agent: Addr<AgentActor>,
+    /// Writes relayed events from the sessions' threads.
+    pub direct: Arc<super::direct::DirectSocket>,
     /// Held for the life of the socket.
     pub _registration: super::Registration,
 }
@@ -62,11 +64,16 @@ impl Role for AgentRole {
     fn observe(&mut self, _frame: &Outbound) {}
 
     fn closed(self) {
+        self.direct.close();
         self.agent.do_send(AgentConnClosed { conn_id: self.handle.conn_id });
     }
 
     fn ref_of(text: &str) -> Option<ClientRef> {
         decode::ref_only(text)
+    }
+
+    fn take_direct_rest(&self) -> Option<bytes::BytesMut> {
+        self.direct.take_rest()
     }
 }
 

@@ -38,6 +38,11 @@ pub trait Role {
     fn closed(self);
     /// The ref of a frame that could not be handled, if it is readable.
     fn ref_of(text: &str) -> Option<ClientRef>;
+    /// What a direct write into this socket left unwritten (agent sockets,
+    /// `src/ws/direct.rs`): the loop writes it before anything else.
+    fn take_direct_rest(&self) -> Option<bytes::BytesMut> {
+        None
+    }
 }
 
 static CONN_IDS: AtomicU64 = AtomicU64::new(1);
@@ -97,6 +102,12 @@ pub fn run<R: Role>(ws: WsSocket, inbox: ConnInbox, role: R, limits: Limits, met
     let mut role = role;
     async move {
         let close = run_loop(&mut ws, &mut inbox, &mut role, &limits, &metrics).await;
+        // From here only this task writes (closing the role ends direct
+        // writes and gives the stream back).
+        inbox.busy();
+        if let Some(rest) = role.take_direct_rest() {
+            ws.queue_raw(&rest);
+        }
         role.closed();
         // A write that failed because the actors killed the socket meanwhile.
         let close = close.or_else(|| if inbox.kill.is_killed() { slow_consumer(&metrics) } else { None });
@@ -138,13 +149,27 @@ async fn run_loop<R: Role>(ws: &mut WsSocket, inbox: &mut ConnInbox, role: &mut 
         if ws.has_queued() && !flush(ws, &kill).await {
             break None;
         }
-        tokio::select! {
+        // Asleep from here: a direct writer may send live events meanwhile.
+        inbox.idle();
+        let wake = tokio::select! {
             biased;
-            _ = kill.killed() => {
+            _ = kill.killed() => Wake::Killed,
+            frame = inbox.recv() => Wake::Frame(frame),
+            r = ws.readable() => Wake::Readable(r),
+            _ = ping.tick() => Wake::Tick,
+        };
+        // Awake: this task writes, and first whatever a direct write left
+        // (its marker in the queue woke the loop, or will be skipped).
+        inbox.busy();
+        if let Some(rest) = role.take_direct_rest() {
+            ws.queue_raw(&rest);
+        }
+        match wake {
+            Wake::Killed => {
                 info!(conn_id = role.conn_id(), role = R::NAME, "closing a connection that stopped reading");
                 break slow_consumer(metrics);
             }
-            frame = inbox.recv() => {
+            Wake::Frame(frame) => {
                 let Some(first) = frame else { break None };
                 // Take the burst the actors queued: one write for all of it.
                 let mut next = Some(first);
@@ -165,7 +190,7 @@ async fn run_loop<R: Role>(ws: &mut WsSocket, inbox: &mut ConnInbox, role: &mut 
                     }
                 }
             }
-            r = ws.readable() => {
+            Wake::Readable(r) => {
                 if r.is_err() {
                     break None;
                 }
@@ -173,7 +198,7 @@ async fn run_loop<R: Role>(ws: &mut WsSocket, inbox: &mut ConnInbox, role: &mut 
                     break e.close_reason();
                 }
             }
-            _ = ping.tick() => {
+            Wake::Tick => {
                 if last_pong.elapsed() > limits.heartbeat * 2 + limits.heartbeat / 2 {
                     info!(conn_id = role.conn_id(), role = R::NAME, "no pong for two heartbeats; dropping the connection");
                     metrics.heartbeat_drops.inc();
@@ -184,6 +209,14 @@ async fn run_loop<R: Role>(ws: &mut WsSocket, inbox: &mut ConnInbox, role: &mut 
         }
     };
     close
+}
+
+/// Why the loop woke up.
+enum Wake {
+    Killed,
+    Frame(Option<Outbound>),
+    Readable(std::io::Result<()>),
+    Tick,
 }
 
 struct Flood {

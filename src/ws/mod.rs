@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod conn;
 pub mod customer;
+pub mod direct;
 pub mod socket;
 
 use std::net::{IpAddr, SocketAddr};
@@ -183,15 +184,20 @@ fn customer_conn(mut ws: WsSocket, ip: IpAddr, state: Arc<AppState>) {
     actix_web::rt::spawn(task);
 }
 
-async fn agent_conn(mut ws: WsSocket, info: duet_actors::domain::AgentInfo, state: Arc<AppState>) {
+async fn agent_conn(ws: WsSocket, info: duet_actors::domain::AgentInfo, state: Arc<AppState>) {
     let conn_id = conn::next_conn_id();
-    let (handle, inbox) = ConnHandle::channel(conn_id, state.config.outbox_frames);
+    // Agents get the relayed messages: written from the session's thread
+    // when their loop is asleep (src/ws/direct.rs says why).
+    let (mut ws, stream) = ws.into_shared();
+    let direct = Arc::new(direct::DirectSocket::new(stream, state.metrics.frames_direct.clone()));
+    let (handle, inbox) =
+        ConnHandle::with_direct(conn_id, state.config.outbox_frames, Some(Box::new(direct::DirectHandle(direct.clone()))));
     let span = tracing::info_span!("conn", conn_id, role = "agent", agent_id = %info.id);
     let registration = Registration::new(&state, &handle, "agent");
     let body = async move {
         ws.queue_text(hello(&state));
         if let Ok(addr) = state.deps.registry.send(AgentConnect { info, conn: handle.clone() }).await {
-            let role = agent::AgentRole { app: state.clone(), handle, agent: addr, _registration: registration };
+            let role = agent::AgentRole { app: state.clone(), handle, agent: addr, direct, _registration: registration };
             conn::run(ws, inbox, role, limits(&state), state.metrics.clone()).await;
         }
     };

@@ -14,6 +14,7 @@
 //! message limit.
 
 use std::io;
+use std::sync::Arc;
 
 use actix_http::ws::{CloseCode, CloseReason, Codec, Frame, Item, Message, ProtocolError};
 use bytes::{Bytes, BytesMut};
@@ -169,10 +170,26 @@ fn declared_len(buf: &[u8]) -> Option<u64> {
     }
 }
 
+/// The stream, owned; or shared with a [`super::direct::DirectSocket`]
+/// (agent sockets), which writes into it from other threads.
+enum Io {
+    Owned(TcpStream),
+    Shared(Arc<TcpStream>),
+}
+
+impl Io {
+    fn stream(&self) -> &TcpStream {
+        match self {
+            Io::Owned(s) => s,
+            Io::Shared(s) => s,
+        }
+    }
+}
+
 /// The socket: the TCP stream, the frame reader and a write buffer that is
 /// filled with a burst of frames and written with one call.
 pub struct WsSocket {
-    io: TcpStream,
+    io: Io,
     reader: FrameReader,
     codec: Codec,
     out: BytesMut,
@@ -183,7 +200,17 @@ pub struct WsSocket {
 
 impl WsSocket {
     pub fn new(io: TcpStream, reader: FrameReader) -> WsSocket {
-        WsSocket { io, reader, codec: Codec::new(), out: BytesMut::new(), torn: false }
+        WsSocket { io: Io::Owned(io), reader, codec: Codec::new(), out: BytesMut::new(), torn: false }
+    }
+
+    /// The same socket, its stream shared with a direct writer.
+    pub fn into_shared(self) -> (WsSocket, Arc<TcpStream>) {
+        let WsSocket { io, reader, codec, out, torn } = self;
+        let stream = match io {
+            Io::Owned(s) => Arc::new(s),
+            Io::Shared(s) => s,
+        };
+        (WsSocket { io: Io::Shared(stream.clone()), reader, codec, out, torn }, stream)
     }
 
     /// A message already buffered, without waiting.
@@ -194,7 +221,7 @@ impl WsSocket {
     /// Waits until the stream has bytes (or ended). Cancel-safe: nothing is
     /// consumed until [`WsSocket::read_available`].
     pub async fn readable(&self) -> io::Result<()> {
-        self.io.readable().await
+        self.io.stream().readable().await
     }
 
     /// Moves whatever the kernel holds into the reader. `Err(Gone)` when the
@@ -202,7 +229,7 @@ impl WsSocket {
     pub fn read_available(&mut self) -> Result<(), ReadError> {
         loop {
             self.reader.buf.reserve(READ_CHUNK);
-            match self.io.try_read_buf(&mut self.reader.buf) {
+            match self.io.stream().try_read_buf(&mut self.reader.buf) {
                 Ok(0) => return Err(ReadError::Gone),
                 Ok(n) if n < READ_CHUNK => return Ok(()),
                 Ok(_) => {
@@ -234,6 +261,12 @@ impl WsSocket {
         self.queue(Message::Close(reason));
     }
 
+    /// Bytes already framed (the rest of a direct write), written before
+    /// anything queued after them.
+    pub fn queue_raw(&mut self, bytes: &[u8]) {
+        self.out.extend_from_slice(bytes);
+    }
+
     fn queue(&mut self, m: Message) {
         // The server side never masks and never fragments: encoding a whole
         // text/control frame into a buffer cannot fail.
@@ -256,7 +289,7 @@ impl WsSocket {
             return Ok(());
         }
         self.torn = true;
-        let r = self.io.write_all(&self.out).await;
+        let r = write_all(self.io.stream(), &self.out).await;
         self.torn = false;
         // Sockets are idle far more than they write: hold no buffer between
         // bursts (a burst allocates one, which is cheaper than keeping it).
@@ -269,9 +302,32 @@ impl WsSocket {
     pub async fn close(mut self, reason: Option<CloseReason>) {
         self.queue_close(reason);
         if self.flush().await.is_ok() {
-            let _ = self.io.shutdown().await;
+            // A shared stream is ours alone again once its direct writer
+            // closed; otherwise dropping it ends the connection all the same.
+            let owned = match self.io {
+                Io::Owned(s) => Some(s),
+                Io::Shared(s) => Arc::try_unwrap(s).ok(),
+            };
+            if let Some(mut s) = owned {
+                let _ = s.shutdown().await;
+            }
         }
     }
+}
+
+/// `write_all` through `&TcpStream` (the stream may be shared): waits for
+/// room, writes what fits, until all is written.
+pub(super) async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
