@@ -120,7 +120,7 @@ pub struct ConnHandle {
 struct Shared {
     frames: Mutex<Frames>,
     capacity: usize,
-    direct: Option<Box<dyn DirectWrite>>,
+    direct: Option<Arc<dyn DirectWrite>>,
     /// Frames are waiting, or the connection was killed.
     ready: Notify,
     /// Room was made (for `push_wait`).
@@ -253,7 +253,7 @@ impl ConnHandle {
     }
 
     /// The same, with a way to write live events from the pushing thread.
-    pub fn with_direct(conn_id: u64, capacity: usize, direct: Option<Box<dyn DirectWrite>>) -> (ConnHandle, ConnInbox) {
+    pub fn with_direct(conn_id: u64, capacity: usize, direct: Option<Arc<dyn DirectWrite>>) -> (ConnHandle, ConnInbox) {
         let shared = Arc::new(Shared {
             // Busy until the loop first waits: nothing is written around
             // what it sends first (hello).
@@ -364,7 +364,7 @@ mod tests {
         answer: Mutex<VecDeque<Direct>>,
     }
 
-    impl DirectWrite for Arc<FakeWire> {
+    impl DirectWrite for FakeWire {
         fn try_write(&self, frame: &Outbound) -> Direct {
             let answer = self.answer.lock().pop_front().unwrap_or(Direct::Written);
             if answer != Direct::Refused {
@@ -396,7 +396,7 @@ mod tests {
     #[test]
     fn live_events_go_direct_only_while_the_loop_is_idle_and_nothing_is_queued() {
         let wire = Arc::new(FakeWire::default());
-        let (h, mut inbox) = ConnHandle::with_direct(1, 8, Some(Box::new(wire.clone())));
+        let (h, mut inbox) = ConnHandle::with_direct(1, 8, Some(wire.clone()));
         // Before the loop first waits (it is sending hello): queued.
         assert!(h.push(event(1)));
         inbox.idle();

@@ -101,13 +101,11 @@ pub fn run<R: Role>(ws: WsSocket, inbox: ConnInbox, role: R, limits: Limits, met
     let mut inbox = inbox;
     let mut role = role;
     async move {
+        // The loop returns busy (it starts busy and marks itself on every
+        // wake-up), with any rest of a direct write taken: from here only
+        // this task writes, and closing the role ends direct writes and
+        // gives the stream back.
         let close = run_loop(&mut ws, &mut inbox, &mut role, &limits, &metrics).await;
-        // From here only this task writes (closing the role ends direct
-        // writes and gives the stream back).
-        inbox.busy();
-        if let Some(rest) = role.take_direct_rest() {
-            ws.queue_raw(&rest);
-        }
         role.closed();
         // A write that failed because the actors killed the socket meanwhile.
         let close = close.or_else(|| if inbox.kill.is_killed() { slow_consumer(&metrics) } else { None });

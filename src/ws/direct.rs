@@ -13,8 +13,8 @@
 //! Safety of the stream: the queue's lock (held by the caller) and the
 //! loop's busy flag keep this and the loop from ever writing at the same
 //! time; a partial write keeps the rest here and queues a marker that
-//! wakes the loop, which writes the rest before anything else. The stream is released when the loop
-//! ends, so no write can reach a closed socket.
+//! wakes the loop, which writes the rest before anything else. The stream
+//! is released when the loop ends, so no write can reach a closed socket.
 
 use std::sync::Arc;
 
@@ -62,13 +62,9 @@ impl DirectSocket {
     }
 }
 
-/// The handle the connection's queue holds (a cheap clone of the socket's).
-#[derive(Debug)]
-pub struct DirectHandle(pub Arc<DirectSocket>);
-
-impl DirectWrite for DirectHandle {
+impl DirectWrite for DirectSocket {
     fn try_write(&self, frame: &Outbound) -> Direct {
-        let mut st = self.0.state.lock();
+        let mut st = self.state.lock();
         let State { stream, codec, rest } = &mut *st;
         let Some(stream) = stream.as_ref() else { return Direct::Refused };
         if !rest.is_empty() {
@@ -81,11 +77,11 @@ impl DirectWrite for DirectHandle {
         }
         match stream.try_write(&buf) {
             Ok(n) if n == buf.len() => {
-                self.0.written.inc();
+                self.written.inc();
                 Direct::Written
             }
             Ok(n) if n > 0 => {
-                self.0.written.inc();
+                self.written.inc();
                 *rest = buf.split_off(n);
                 Direct::Partial
             }
@@ -123,10 +119,9 @@ mod tests {
         let (server, _) = listener.accept().await.expect("accept");
         let server = Arc::new(server);
         let socket = Arc::new(DirectSocket::new(server.clone(), Counter::default()));
-        let direct = DirectHandle(socket.clone());
         let mut written = 0;
         let outcome = loop {
-            match direct.try_write(&big_event(written + 1)) {
+            match socket.try_write(&big_event(written + 1)) {
                 Direct::Written => written += 1,
                 other => break other,
             }
@@ -134,7 +129,7 @@ mod tests {
         };
         // 60 KB frames do not end exactly where the kernel's buffer does.
         assert_eq!(outcome, Direct::Partial);
-        assert_eq!(direct.try_write(&big_event(0)), Direct::Refused, "nothing overtakes a rest");
+        assert_eq!(socket.try_write(&big_event(0)), Direct::Refused, "nothing overtakes a rest");
         let whole = written + 1;
         // The loop's part: the rest, through the shared stream.
         let rest = socket.take_rest();
@@ -161,6 +156,6 @@ mod tests {
         let seqs = reader.await.expect("reader");
         assert_eq!(seqs, (1..=whole).collect::<Vec<_>>());
         socket.close();
-        assert_eq!(direct.try_write(&big_event(99)), Direct::Refused, "closed: nothing is written");
+        assert_eq!(socket.try_write(&big_event(99)), Direct::Refused, "closed: nothing is written");
     }
 }

@@ -191,7 +191,7 @@ async fn agent_conn(ws: WsSocket, info: duet_actors::domain::AgentInfo, state: A
     let (mut ws, stream) = ws.into_shared();
     let direct = Arc::new(direct::DirectSocket::new(stream, state.metrics.frames_direct.clone()));
     let (handle, inbox) =
-        ConnHandle::with_direct(conn_id, state.config.outbox_frames, Some(Box::new(direct::DirectHandle(direct.clone()))));
+        ConnHandle::with_direct(conn_id, state.config.outbox_frames, Some(direct.clone()));
     let span = tracing::info_span!("conn", conn_id, role = "agent", agent_id = %info.id);
     let registration = Registration::new(&state, &handle, "agent");
     let body = async move {
