@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use duet_actors::domain::{
     AgentInfo, AgentKind, EndReason, Event, EventBody, Mode, Party, SessionId,
@@ -242,49 +243,113 @@ async fn many_sessions_commit_in_groups_and_keep_each_order() {
     .await;
 }
 
+/// 40 sessions append at once, each one batch awaited then three queued
+/// back to back: a session's later batches must wait for its earlier ones,
+/// whichever writer holds them. Checks every log is whole and in order.
+async fn interleaved_appends(store: &Arc<dyn EventStore>) {
+    let tasks = (0..40).map(|_| async move {
+        let id = sid();
+        store.append(create(&id)).await.expect("create");
+        let mut seq = 1;
+        for _ in 0..10 {
+            seq += 1;
+            store.append(says(&id, seq, Some(&format!("c:{seq}")))).await.expect("append");
+            let burst: Vec<_> = (1..=3).map(|k| store.append(says(&id, seq + k, Some(&format!("c:{}", seq + k))))).collect();
+            for r in join_all(burst).await {
+                assert_eq!(r, Ok(()));
+            }
+            seq += 3;
+        }
+        (id, seq)
+    });
+    for (id, last) in join_all(tasks).await {
+        let page = store.events_after(&id, 0, 100).await.expect("page");
+        assert_eq!(seqs(&page), (1..=last).collect::<Vec<_>>());
+    }
+}
+
 #[tokio::test]
-async fn helpers_commit_beside_a_slow_main_writer_and_no_session_is_reordered() {
-    // Helpers take groups at once while the main writer commits: the most
-    // interleaving the writers can see.
+async fn sqlite_has_one_writer_and_no_session_is_reordered() {
     let opts = DbOptions {
         help_after: Duration::ZERO,
         ..DbOptions::default()
     };
-    each_backend(opts, |db| async move {
-        let store = db.event_store();
-        let tasks = (0..40).map(|_| {
-            let store = store.clone();
-            async move {
-                let id = sid();
-                store.append(create(&id)).await.expect("create");
-                let mut seq = 1;
-                for _ in 0..10 {
-                    // One append awaited, then three queued back to back:
-                    // a session's later batches must wait for its earlier
-                    // ones, whichever writer holds them.
-                    seq += 1;
-                    store.append(says(&id, seq, Some(&format!("c:{seq}")))).await.expect("append");
-                    let burst: Vec<_> = (1..=3).map(|k| store.append(says(&id, seq + k, Some(&format!("c:{}", seq + k))))).collect();
-                    for r in join_all(burst).await {
-                        assert_eq!(r, Ok(()));
-                    }
-                    seq += 3;
-                }
-                (id, seq)
-            }
+    let t = TestDb::new(Backend::Sqlite, opts);
+    interleaved_appends(&t.db.event_store()).await;
+    assert_eq!(t.db.stats().writer_helper_commits, 0, "SQLite has one writer");
+}
+
+#[tokio::test]
+async fn helpers_commit_beside_a_slow_main_writer_and_no_session_is_reordered() {
+    // The main writer is made slow for real: another transaction holds the
+    // key its group inserts, so its commit waits on PostgreSQL's lock until
+    // that transaction rolls back. Appends queued meanwhile must go to the
+    // helpers (help_after zero: at once), and once the lock is gone the
+    // main writer and the helpers share the rest: the most interleaving the
+    // writers can see. (Without the lock whether helpers run depends on the
+    // scheduler: a CI run once saw none.)
+    let opts = DbOptions {
+        help_after: Duration::ZERO,
+        ..DbOptions::default()
+    };
+    let t = TestDb::new(Backend::Postgres, opts);
+    let store = t.db.event_store();
+    let blocked = sid();
+    ok(&store, create(&blocked)).await;
+
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let url = t.url.clone();
+    let key = blocked.to_string();
+    let holder = std::thread::spawn(move || {
+        let held = PgConnection::establish(&url).map_err(|e| e.to_string()).and_then(|mut c| {
+            c.batch_execute(&format!(
+                "BEGIN; INSERT INTO events (session_id, seq, kind, body, at_ms) VALUES ('{key}', 2, 'message', '{{}}', 0)"
+            ))
+            .map_err(|e| e.to_string())?;
+            Ok(c)
         });
-        for (id, last) in join_all(tasks).await {
-            let page = store.events_after(&id, 0, 100).await.expect("page");
-            assert_eq!(seqs(&page), (1..=last).collect::<Vec<_>>());
+        let mut conn = match held {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        let _ = ready_tx.send(Ok(()));
+        // Released by the test, or by its end (the sender dropped).
+        let _ = release_rx.recv();
+        conn.batch_execute("ROLLBACK").expect("rollback");
+    });
+    ready_rx.recv().expect("holder thread").expect("holder transaction");
+
+    let slow = store.append(says(&blocked, 2, Some("slow")));
+    // The main writer has taken it once nothing is queued.
+    for _ in 0..500 {
+        if t.db.stats().writer_queue == 0 {
+            break;
         }
-        let stats = db.stats();
-        if db.backend() == Backend::Postgres {
-            assert!(stats.writer_helper_commits > 0, "helpers took part: {stats:?}");
-        } else {
-            assert_eq!(stats.writer_helper_commits, 0, "SQLite has one writer");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let release = async {
+        for _ in 0..1000 {
+            if t.db.stats().writer_helper_commits > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-    })
-    .await;
+        let helped = t.db.stats();
+        let _ = release_tx.send(());
+        helped
+    };
+    let (helped, ()) = tokio::join!(release, interleaved_appends(&store));
+    assert!(helped.writer_helper_commits > 0, "helpers committed while the main writer waited: {helped:?}");
+    // Its one commit so far is the first create: it held the batch.
+    assert_eq!(helped.writer_commits - helped.writer_helper_commits, 1, "the main writer was blocked: {helped:?}");
+    assert_eq!(slow.await, Ok(()), "the held batch commits once the lock is gone");
+    holder.join().expect("holder thread");
+    let page = store.events_after(&blocked, 0, 10).await.expect("page");
+    assert_eq!(seqs(&page), vec![1, 2]);
 }
 
 #[tokio::test]
