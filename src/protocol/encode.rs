@@ -135,11 +135,14 @@ pub fn encode(frame: &Outbound) -> Option<String> {
     json.ok()
 }
 
-/// `pong`, with the ping's ref when it had one.
-pub fn pong(client_ref: Option<&ClientRef>) -> String {
-    match client_ref {
-        Some(r) => format!(r#"{{"type":"pong","ref":{}}}"#, r.0),
-        None => r#"{"type":"pong"}"#.to_owned(),
+/// The answer to a `ping`: `pong`, then, when the ping had a `ref`, its one
+/// `ack` (the contract: every message with a `ref` gets exactly one answer
+/// with that ref, an `ack` or an `error`; `pong` is the ping's result, like
+/// `resumed` before a resume's ack).
+pub fn ping_answer(client_ref: Option<&ClientRef>, out: &mut Vec<String>) {
+    out.push(r#"{"type":"pong"}"#.to_owned());
+    if let Some(r) = client_ref {
+        out.push(format!(r#"{{"type":"ack","ref":{}}}"#, r.0));
     }
 }
 
@@ -293,6 +296,11 @@ mod tests {
         let a = encode(&Outbound::Ack { client_ref: ClientRef(Arc::from("\"r-1\"")), seq: Some(42), session_id: None })
             .expect("ack encodes");
         assert_eq!(a, r#"{"type":"ack","ref":"r-1","seq":42}"#);
-        assert_eq!(pong(Some(&ClientRef(Arc::from("3")))), r#"{"type":"pong","ref":3}"#);
+        let mut out = Vec::new();
+        ping_answer(Some(&ClientRef(Arc::from("3"))), &mut out);
+        assert_eq!(out, [r#"{"type":"pong"}"#, r#"{"type":"ack","ref":3}"#]);
+        out.clear();
+        ping_answer(None, &mut out);
+        assert_eq!(out, [r#"{"type":"pong"}"#]);
     }
 }

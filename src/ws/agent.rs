@@ -39,7 +39,7 @@ impl Role for AgentRole {
     async fn on_text(&mut self, text: &str, out: &mut Vec<String>) {
         match decode::agent_frame(text) {
             Err(e) => out.push(encode::error_frame(e.client_ref.as_ref(), &ActorError::BadRequest(e.message))),
-            Ok(AgentFrame::Ping { client_ref }) => out.push(encode::pong(client_ref.as_ref())),
+            Ok(AgentFrame::Ping { client_ref }) => encode::ping_answer(client_ref.as_ref(), out),
             Ok(AgentFrame::Request(req)) => {
                 if !self.agent.connected() {
                     let r = request_ref(&req);

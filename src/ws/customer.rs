@@ -143,7 +143,7 @@ impl Role for CustomerRole {
             // future would otherwise make every idle socket's task larger.
             Ok(f @ CustomerFrame::Resume { .. }) => Box::pin(self.resume(f, out)).await,
             Ok(CustomerFrame::InSession(cmd)) => self.in_session(cmd, out),
-            Ok(CustomerFrame::Ping { client_ref }) => out.push(encode::pong(client_ref.as_ref())),
+            Ok(CustomerFrame::Ping { client_ref }) => encode::ping_answer(client_ref.as_ref(), out),
         }
     }
 

@@ -31,8 +31,10 @@ fn is_answer(v: &Value) -> bool {
 /// A valid `ping` still gets its `pong`: the socket is open and serving.
 pub async fn still_open(c: &mut Client) {
     let r = c.send_ref(json!({"type":"ping"})).await;
-    let pong = c.wait_for("pong", |v| v["type"] == "pong" && v["ref"] == json!(r)).await;
-    assert_eq!(pong["ref"], json!(r), "{pong}");
+    let pong = c.wait_type("pong").await;
+    assert!(pong.get("ref").is_none(), "the ref's one answer is the ack: {pong}");
+    let ack = c.wait_for("the ping's ack", |v| v["ref"] == json!(r)).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
     assert!(c.closed.is_none(), "socket closed: {:?}", c.closed);
 }
 
@@ -498,8 +500,8 @@ async fn an_oversized_frame_closes_with_1009() {
     assert_eq!(hello["max_message_bytes"], 8192, "{hello}");
     // Exactly at the limit: fine.
     c.send_raw(&padded_ping(1, 8192)).await;
-    let pong = c.wait_type("pong").await;
-    assert_eq!(pong["ref"], 1);
+    c.wait_type("pong").await;
+    c.wait_for("the ping's ack", |v| v["type"] == "ack" && v["ref"] == 1).await;
     // One byte over: the socket is closed with 1009.
     c.send_raw(&padded_ping(2, 8193)).await;
     assert_eq!(c.wait_closed(DEADLINE).await, Some(1009));
@@ -508,7 +510,8 @@ async fn an_oversized_frame_closes_with_1009() {
     // The same on /admin/ws.
     let mut a = app.agent("big-ann").await;
     a.send_raw(&padded_ping(3, 8192)).await;
-    a.wait_for("pong", |v| v["type"] == "pong" && v["ref"] == 3).await;
+    a.wait_type("pong").await;
+    a.wait_for("the ping's ack", |v| v["type"] == "ack" && v["ref"] == 3).await;
     a.send_raw(&padded_ping(4, 20_000)).await;
     assert_eq!(a.wait_closed(DEADLINE).await, Some(1009));
 }
@@ -662,7 +665,7 @@ async fn flood_pings(c: &mut Client, n: u64) -> HashMap<u64, Value> {
             panic!("only {} of {n} pings answered (closed: {:?})", answers.len(), c.closed);
         };
         if let Some(r) = v["ref"].as_u64() {
-            if v["type"] == "pong" || is_answer(&v) {
+            if is_answer(&v) {
                 assert!(answers.insert(r, v.clone()).is_none(), "ref {r} answered twice: {v}");
             }
         }
@@ -679,7 +682,7 @@ async fn a_flood_is_rate_limited_above_the_floor() {
     let answers = flood_pings(&mut c, 400).await;
     // The floor: a burst of 200 never bites.
     for i in 0..200 {
-        assert_eq!(answers[&i]["type"], "pong", "frame {i} of the first 200: {}", answers[&i]);
+        assert_eq!(answers[&i]["type"], "ack", "frame {i} of the first 200: {}", answers[&i]);
     }
     let limited: Vec<&Value> = answers.values().filter(|v| v["type"] == "error").collect();
     assert!(!limited.is_empty(), "400 frames at once were all served");
@@ -693,7 +696,7 @@ async fn a_flood_is_rate_limited_above_the_floor() {
     loop {
         let r = c.send_ref(json!({"type":"ping"})).await;
         let v = c.wait_for("the answer", |v| v["ref"] == json!(r)).await;
-        if v["type"] == "pong" {
+        if v["type"] == "ack" {
             break;
         }
         assert_eq!(v["code"], "rate_limited", "{v}");
@@ -708,7 +711,7 @@ async fn rate_limits_off_lets_a_flood_through() {
     let app = TestApp::spawn_with(app_env(&[("DUET_RATE_LIMITS", "off")])).await;
     let mut c = app.customer().await;
     let answers = flood_pings(&mut c, 1000).await;
-    let limited: Vec<&Value> = answers.values().filter(|v| v["type"] != "pong").collect();
+    let limited: Vec<&Value> = answers.values().filter(|v| v["type"] != "ack").collect();
     assert!(limited.is_empty(), "with DUET_RATE_LIMITS=off: {limited:?}");
     still_open(&mut c).await;
 }
