@@ -142,7 +142,7 @@ pub fn encode(frame: &Outbound) -> Option<String> {
 pub fn ping_answer(client_ref: Option<&ClientRef>, out: &mut Vec<String>) {
     out.push(r#"{"type":"pong"}"#.to_owned());
     if let Some(r) = client_ref {
-        out.push(format!(r#"{{"type":"ack","ref":{}}}"#, r.0));
+        out.extend(encode(&Outbound::Ack { client_ref: r.clone(), seq: None, session_id: None }));
     }
 }
 

@@ -268,13 +268,17 @@ async fn interleaved_appends(store: &Arc<dyn EventStore>) {
     }
 }
 
-#[tokio::test]
-async fn sqlite_has_one_writer_and_no_session_is_reordered() {
-    let opts = DbOptions {
+/// Helpers wanted as soon as the main writer is busy (PostgreSQL's only).
+fn helpers_at_once() -> DbOptions {
+    DbOptions {
         help_after: Duration::ZERO,
         ..DbOptions::default()
-    };
-    let t = TestDb::new(Backend::Sqlite, opts);
+    }
+}
+
+#[tokio::test]
+async fn sqlite_has_one_writer_and_no_session_is_reordered() {
+    let t = TestDb::new(Backend::Sqlite, helpers_at_once());
     interleaved_appends(&t.db.event_store()).await;
     assert_eq!(t.db.stats().writer_helper_commits, 0, "SQLite has one writer");
 }
@@ -288,11 +292,7 @@ async fn helpers_commit_beside_a_slow_main_writer_and_no_session_is_reordered() 
     // main writer and the helpers share the rest: the most interleaving the
     // writers can see. (Without the lock whether helpers run depends on the
     // scheduler: a CI run once saw none.)
-    let opts = DbOptions {
-        help_after: Duration::ZERO,
-        ..DbOptions::default()
-    };
-    let t = TestDb::new(Backend::Postgres, opts);
+    let t = TestDb::new(Backend::Postgres, helpers_at_once());
     let store = t.db.event_store();
     let blocked = sid();
     ok(&store, create(&blocked)).await;
