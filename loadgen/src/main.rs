@@ -144,6 +144,10 @@ struct RelayArgs {
     /// Queue topic (a run id is appended unless --fixed-topic).
     #[arg(long, default_value = "relay")]
     topic: String,
+    /// List every measured message slower than this many ms in the JSON line (`slow`:
+    /// send instant in Unix seconds, latency), to line stalls up with server logs.
+    #[arg(long, default_value_t = 0.0)]
+    slow_ms: f64,
 }
 
 #[derive(Args)]
@@ -362,6 +366,7 @@ async fn run(cli: Cli) -> Result<()> {
                 connect_timeout: secs("connect-timeout", c.connect_timeout, 0.1, 600.0)?,
                 join_timeout: secs("join-timeout", c.join_timeout, 0.1, 600.0)?,
                 local_addrs: c.local_addrs.clone(),
+                slow_ms: a.slow_ms,
             };
             let params = json!({
                 "pairs": a.pairs, "rate": a.rate, "seconds": a.seconds, "warmup_s": a.warmup,

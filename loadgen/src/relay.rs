@@ -71,6 +71,8 @@ pub struct RelayOpts {
     pub connect_timeout: Duration,
     pub join_timeout: Duration,
     pub local_addrs: Vec<IpAddr>,
+    /// List messages slower than this many ms, with their send time (0: none).
+    pub slow_ms: f64,
 }
 
 impl RelayOpts {
@@ -585,6 +587,11 @@ fn figures(
         "latency_ms": latency,
         "latency_from_schedule_ms": latency_sched,
         "ack_ms": ack_s,
+        "slow": (o.slow_ms > 0.0).then(|| {
+            let mut slow = probe.take_slow();
+            slow.sort_by(|a, b| a.0.total_cmp(&b.0));
+            slow.iter().map(|&(t, ms)| json!([round(t, 4), round(ms, 3)])).collect::<Vec<_>>()
+        }),
         "msgs_per_cpu_s": msgs_per_cpu_s,
         "msgs_per_cpu_s_with_db": msgs_per_cpu_s_with_db,
         "server": server_cpu.map(|cpu| json!({
@@ -727,7 +734,7 @@ pub async fn run(o: RelayOpts) -> Result<(Value, Vec<(String, String)>)> {
             "pairs × rate × (warmup + seconds) = {tracked} messages: more than 20 million to track"
         );
     }
-    let probe = Arc::new(Probe::new(o.pairs, total_n, warm_n));
+    let probe = Arc::new(Probe::new(o.pairs, total_n, warm_n).with_slow_log(o.slow_ms));
     let mut pairs = setup(&o, &probe).await?;
     let mut m = measure(&o, &probe, &mut pairs, tck).await?;
     let out = figures(&o, &probe, &pairs, &mut m, tck);

@@ -44,7 +44,16 @@ pub(super) struct Probe {
     misrouted: AtomicU64,
     foreign: AtomicU64,
     errors: Mutex<Tally>,
+    /// `t0` on the wall clock (Unix seconds), to line slow messages up with server logs.
+    t0_unix: f64,
+    /// Messages slower than this (ms, after the warm-up) are listed; 0: none.
+    slow_ms: f64,
+    /// (send instant in Unix seconds, latency ms) of the slow messages, at most [`MAX_SLOW`].
+    slow: Mutex<Vec<(f64, f64)>>,
 }
+
+/// The slow-message list stops here, so a stalled server cannot fill the memory.
+const MAX_SLOW: usize = 10_000;
 
 impl Probe {
     pub(super) fn new(pairs: usize, total: usize, warm: usize) -> Probe {
@@ -71,6 +80,30 @@ impl Probe {
             misrouted: AtomicU64::new(0),
             foreign: AtomicU64::new(0),
             errors: Mutex::new(Tally::default()),
+            t0_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            slow_ms: 0.0,
+            slow: Mutex::default(),
+        }
+    }
+    /// Lists every measured message slower than `ms` (see [`Probe::take_slow`]).
+    pub(super) fn with_slow_log(mut self, ms: f64) -> Probe {
+        self.slow_ms = ms;
+        self
+    }
+    /// The slow messages so far, in arrival order: (send instant, Unix s; latency, ms).
+    pub(super) fn take_slow(&self) -> Vec<(f64, f64)> {
+        std::mem::take(&mut *self.slow.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+    fn note_if_slow(&self, idx: usize, ms: f64) {
+        if self.slow_ms <= 0.0 || ms < self.slow_ms {
+            return;
+        }
+        let sent_s = (self.send_ns[idx].load(Ordering::Acquire).saturating_sub(1)) as f64 / 1e9;
+        let mut slow = self.slow.lock().unwrap_or_else(|e| e.into_inner());
+        if slow.len() < MAX_SLOW {
+            slow.push((self.t0_unix + sent_s, ms));
         }
     }
     /// Records that message `k` of customer `i` is written now, `lag` after its
@@ -312,6 +345,7 @@ impl Observer for AgentObs {
             }
         }
         if k >= p.warm {
+            p.note_if_slow(idx, ms);
             inner.latency_ms.push(ms);
             inner.from_schedule_ms.push(ms + p.lag_ms(idx));
             p.recv_win.fetch_add(1, Ordering::Relaxed);
@@ -363,6 +397,29 @@ mod tests {
 
     fn frame(t: &str) -> Frame<'_> {
         serde_json::from_str(t).expect("valid frame")
+    }
+
+    #[test]
+    fn slow_messages_after_the_warm_up_are_listed_with_their_send_time() {
+        let p = Arc::new(Probe::new(1, 3, 1).with_slow_log(2.0));
+        p.set_sessions(vec![Some("s-a".into())]);
+        let agent = AgentObs::new(p.clone());
+        assert!(agent.serve("s-a".into()));
+        let t = p.t0;
+        for k in 0..3 {
+            p.record_send(0, k, t + Duration::from_millis(10 * k as u64), Duration::ZERO);
+        }
+        let msg = |k: usize| {
+            format!(r#"{{"type":"message","from":"customer","text":"0:{k}:x","session_id":"s-a","seq":{}}}"#, k + 2)
+        };
+        agent.on_event(&frame(&msg(0)), t + Duration::from_millis(5)); // slow, but warm-up
+        agent.on_event(&frame(&msg(1)), t + Duration::from_millis(11)); // 1 ms: quick
+        agent.on_event(&frame(&msg(2)), t + Duration::from_millis(25)); // 5 ms: slow
+        let slow = p.take_slow();
+        assert_eq!(slow.len(), 1);
+        let (sent, ms) = slow[0];
+        assert!((sent - (p.t0_unix + 0.020)).abs() < 1e-6, "{sent} vs {}", p.t0_unix);
+        assert!((ms - 5.0).abs() < 1e-6, "{ms}");
     }
 
     #[test]
