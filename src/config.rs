@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::storage::SqliteSync;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Env {
     Development,
@@ -102,6 +104,8 @@ pub struct Config {
     /// PostgreSQL writer threads (SQLite always has one).
     pub db_writers: usize,
     pub db_timeout: Duration,
+    /// What a SQLite commit waits for before its ack (`DUET_SQLITE_SYNC`).
+    pub sqlite_sync: SqliteSync,
     pub admin_idle_ttl: Duration,
     pub admin_max_ttl: Duration,
     pub otp_ttl: Duration,
@@ -246,6 +250,14 @@ impl Config {
             r.problems.push(format!("DUET_DB_WRITERS={db_writers} must be between 1 and 16"));
         }
         let db_timeout = Duration::from_millis(r.parse("DUET_DB_TIMEOUT_MS", 2000u64, "a number of milliseconds").clamp(100, 60_000));
+        let sqlite_sync = match r.raw("DUET_SQLITE_SYNC").map(|v| (v.to_owned(), SqliteSync::parse(v))) {
+            None => SqliteSync::default(),
+            Some((_, Some(s))) => s,
+            Some((v, None)) => {
+                r.problems.push(format!("DUET_SQLITE_SYNC={v:?} must be normal or full"));
+                SqliteSync::default()
+            }
+        };
         let admin_idle_ttl = r.secs("DUET_ADMIN_IDLE_S", 1800, 60, 30 * 86400);
         let admin_max_ttl = r.secs("DUET_ADMIN_MAX_S", 12 * 3600, 60, 90 * 86400);
         let otp_ttl = r.secs("DUET_OTP_TTL_S", 300, 30, 3600);
@@ -298,6 +310,7 @@ impl Config {
             db_pool_size,
             db_writers,
             db_timeout,
+            sqlite_sync,
             admin_idle_ttl,
             admin_max_ttl,
             otp_ttl,
@@ -338,6 +351,15 @@ mod tests {
         assert_eq!(c.heartbeat, Duration::from_secs(25));
         assert!(c.queue_enabled && c.rate_limits && c.redis_url.is_none());
         assert_eq!(c.env, Env::Development);
+        assert_eq!(c.sqlite_sync, SqliteSync::default());
+    }
+
+    #[test]
+    fn sqlite_sync_reads_both_levels() {
+        for (v, want) in [("full", SqliteSync::Full), ("NORMAL", SqliteSync::Normal)] {
+            let c = Config::from_vars(&vars(&[("DUET_SQLITE_SYNC", v)])).expect("valid");
+            assert_eq!(c.sqlite_sync, want, "{v}");
+        }
     }
 
     #[test]
@@ -347,10 +369,11 @@ mod tests {
             ("DUET_HEARTBEAT_S", "0"),
             ("DUET_QUEUE_ENABLED", "maybe"),
             ("DUET_TRUSTED_PROXIES", "10.0.0.0/33"),
+            ("DUET_SQLITE_SYNC", "sometimes"),
         ]))
         .expect_err("invalid");
         let all = e.to_string();
-        for name in ["DUET_BIND", "DUET_HEARTBEAT_S", "DUET_QUEUE_ENABLED", "DUET_TRUSTED_PROXIES"] {
+        for name in ["DUET_BIND", "DUET_HEARTBEAT_S", "DUET_QUEUE_ENABLED", "DUET_TRUSTED_PROXIES", "DUET_SQLITE_SYNC"] {
             assert!(all.contains(name), "{name} missing from {all}");
         }
     }

@@ -688,6 +688,12 @@ impl SessionActor {
         let store = self.deps.store.clone();
         let id = self.record.id.clone();
         let upto = self.last_committed;
+        if last_seq > upto {
+            // The client saw events the store no longer has: a store that
+            // lost its last commits (SQLite at `synchronous=NORMAL` after a
+            // power loss), or a client that invents seqs.
+            warn!(last_seq, stored = upto, "a resume claims events beyond the stored log");
+        }
         let page = self.deps.settings.replay_page;
         let fut = async move {
             let mut after = last_seq.max(0);

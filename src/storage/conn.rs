@@ -9,12 +9,14 @@
 //! connection, so every connection gets the same settings:
 //!
 //! - SQLite: `PRAGMA busy_timeout` alone and first (it does not cover the
-//!   batch it is sent in), then `foreign_keys=ON` and `synchronous=FULL`.
-//!   With WAL, FULL syncs the log at every commit, so a committed
-//!   transaction survives a power loss as well as a killed process; NORMAL
-//!   would survive only the latter. Events are acked after commit, so duet
-//!   pays the fsync. WAL itself is set once per database file, by
-//!   [`prepare`], before the pool opens.
+//!   batch it is sent in), then `foreign_keys=ON` and the `synchronous`
+//!   level of [`SqliteSync`] (`DUET_SQLITE_SYNC`). Events are acked after
+//!   their commit either way; the level says what a commit waits for. NORMAL
+//!   (the default) survives the death of the process and fsyncs the WAL
+//!   before every checkpoint (every 500 ms); FULL also survives a power
+//!   loss, at one fsync per group commit, which on a virtual disk costs more
+//!   than the rest of a message's path (BENCHMARKS.md). WAL itself is set
+//!   once per database file, by [`prepare`], before the pool opens.
 //! - PostgreSQL: `synchronous_commit = on` explicitly (a server or role
 //!   default of `off` would let acked events vanish in a crash), and libpq
 //!   timeouts in the URL so that an unreachable server fails a connect
@@ -39,6 +41,41 @@ const SQLITE_BUSY_TIMEOUT_MS: u32 = 5000;
 /// Serializes `duet migrate` and node starts that migrate one PostgreSQL
 /// database at the same time (an arbitrary constant, "duet" in ASCII).
 const PG_MIGRATION_LOCK: i64 = 0x6475_6574;
+
+/// How a SQLite commit reaches the disk (`DUET_SQLITE_SYNC`), in WAL mode.
+/// Both keep the file consistent after any crash; they differ in what a
+/// power loss (or a kernel crash) may take back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SqliteSync {
+    /// `synchronous=NORMAL`: a commit is written to the WAL but not
+    /// fsynced; the WAL is fsynced before each checkpoint, which runs every
+    /// [`super::checkpoint::CHECKPOINT_EVERY`]. An acked event survives the
+    /// death of the process (kill -9, a panic, OOM); a power loss can take
+    /// back the events acked since the last checkpoint (about half a second).
+    #[default]
+    Normal,
+    /// `synchronous=FULL`: every commit fsyncs the WAL before its ack, so an
+    /// acked event also survives a power loss; one fsync per group commit.
+    Full,
+}
+
+impl SqliteSync {
+    /// Reads `normal` or `full` (any case).
+    pub fn parse(v: &str) -> Option<SqliteSync> {
+        match v.to_ascii_lowercase().as_str() {
+            "normal" => Some(SqliteSync::Normal),
+            "full" => Some(SqliteSync::Full),
+            _ => None,
+        }
+    }
+
+    fn pragma(self) -> &'static str {
+        match self {
+            SqliteSync::Normal => "NORMAL",
+            SqliteSync::Full => "FULL",
+        }
+    }
+}
 
 /// Where the connections go. `Debug` never shows a PostgreSQL URL: it may
 /// hold a password.
@@ -113,11 +150,12 @@ fn with_default_params(url: &str, params: &[(&str, String)]) -> String {
 #[derive(Clone, Debug)]
 pub(crate) struct ConnManager {
     target: Target,
+    sqlite_sync: SqliteSync,
 }
 
 impl ConnManager {
-    pub(crate) fn new(target: Target) -> ConnManager {
-        ConnManager { target }
+    pub(crate) fn new(target: Target, sqlite_sync: SqliteSync) -> ConnManager {
+        ConnManager { target, sqlite_sync }
     }
 
     pub(crate) fn backend(&self) -> Backend {
@@ -155,8 +193,9 @@ impl ConnManager {
                 // waits for a whole checkpoint; the WAL is cut back to a
                 // bound when it restarts after a burst.
                 c.batch_execute(&format!(
-                    "PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL; PRAGMA wal_autocheckpoint = 0; \
+                    "PRAGMA foreign_keys = ON; PRAGMA synchronous = {}; PRAGMA wal_autocheckpoint = 0; \
                      PRAGMA journal_size_limit = {}",
+                    self.sqlite_sync.pragma(),
                     super::checkpoint::WAL_SIZE_LIMIT_BYTES
                 ))
                 .map_err(r2d2::Error::QueryError)?;

@@ -40,6 +40,7 @@ use diesel::RunQueryDsl;
 use duet_actors::ports::EventStore;
 
 pub use admins::{AdminRow, OtpOutcome, OtpPolicy};
+pub use conn::SqliteSync;
 pub use db_conn::DbConn;
 pub use error::StorageError;
 
@@ -90,6 +91,8 @@ pub struct DbOptions {
     /// How long the main writer's commit runs before a helper commits the
     /// next group beside it (see `writer`).
     pub help_after: Duration,
+    /// What a SQLite commit waits for before its ack.
+    pub sqlite_sync: SqliteSync,
 }
 
 impl Default for DbOptions {
@@ -101,6 +104,7 @@ impl Default for DbOptions {
             batch_linger: Duration::ZERO,
             pg_writers: 3,
             help_after: Duration::from_millis(1),
+            sqlite_sync: SqliteSync::default(),
         }
     }
 }
@@ -169,7 +173,7 @@ impl Database {
     /// CLI, or inside `spawn_blocking`. Fails with `Unavailable` within about
     /// `connect_timeout` when the database cannot be reached.
     pub fn open(url: &str, opts: DbOptions) -> Result<Database, StorageError> {
-        let manager = ConnManager::new(Target::parse(url, opts.connect_timeout));
+        let manager = ConnManager::new(Target::parse(url, opts.connect_timeout), opts.sqlite_sync);
         let backend = manager.backend();
         let ran = conn::prepare(&manager)?;
         if ran > 0 {

@@ -20,8 +20,9 @@ use crate::support::{eventually, join, Backend, Joined, Options, TestApp, TestDb
 
 // ---- SIGKILL and restart ---------------------------------------------------------
 
-async fn kill_and_restart(backend: Backend) {
-    let mut app = TestApp::spawn_with(Options { backend, env: vec![("DUET_AGENT_GRACE_S", "60".to_owned())] }).await;
+async fn kill_and_restart(backend: Backend, mut env: Vec<(&'static str, String)>) {
+    env.push(("DUET_AGENT_GRACE_S", "60".to_owned()));
+    let mut app = TestApp::spawn_with(Options { backend, env }).await;
     let admin = app.admin_token("root");
     let Served { mut agent, agent_token, cust, .. } = served(&app, "ann", "Bob").await;
     let Joined { client: mut c, session_id: sid, resume_token: token, .. } = cust;
@@ -148,14 +149,21 @@ async fn kill_and_restart(backend: Backend) {
     w2c.wait_for("W2 at 1", |v| v["type"] == "queue" && v["position"] == 1).await;
 }
 
+/// SQLite at its default `synchronous=NORMAL`: commits are not fsynced,
+/// and a killed process still loses none of them (they are in the page cache).
 #[tokio::test]
 async fn kill_and_restart_on_sqlite() {
-    kill_and_restart(Backend::Sqlite).await;
+    kill_and_restart(Backend::Sqlite, vec![]).await;
+}
+
+#[tokio::test]
+async fn kill_and_restart_on_sqlite_with_full_sync() {
+    kill_and_restart(Backend::Sqlite, vec![("DUET_SQLITE_SYNC", "full".to_owned())]).await;
 }
 
 #[tokio::test]
 async fn kill_and_restart_on_postgres() {
-    kill_and_restart(Backend::Postgres).await;
+    kill_and_restart(Backend::Postgres, vec![]).await;
 }
 
 // ---- database outage (PostgreSQL behind a proxy that can be cut) ----------------

@@ -14,9 +14,9 @@ use duet_actors::ports::{
 };
 use futures_util::future::join_all;
 
-use super::support::{each_backend, TestDb, BACKENDS};
+use super::support::{each_backend, TestDb};
 use crate::storage::schema::events;
-use crate::storage::{Backend, DbConn, DbOptions};
+use crate::storage::{Backend, DbConn, DbOptions, SqliteSync};
 
 pub(crate) fn sid() -> SessionId {
     duet_actors::domain::new_session_id()
@@ -541,14 +541,21 @@ async fn rows_that_do_not_decode_are_skipped() {
 }
 
 #[tokio::test]
-async fn sqlite_file_is_wal_with_full_sync_and_pg_commits_synchronously() {
+async fn sqlite_file_is_wal_at_the_configured_sync_level_and_pg_commits_synchronously() {
     #[derive(QueryableByName)]
     struct Setting {
         #[diesel(sql_type = diesel::sql_types::Text)]
         value: String,
     }
-    for backend in BACKENDS {
-        let t = TestDb::new(backend, DbOptions::default());
+    // SQLite's `synchronous` codes: 1 = NORMAL, 2 = FULL.
+    let cases = [
+        (Backend::Sqlite, SqliteSync::default()),
+        (Backend::Sqlite, SqliteSync::Normal),
+        (Backend::Sqlite, SqliteSync::Full),
+        (Backend::Postgres, SqliteSync::default()),
+    ];
+    for (backend, sqlite_sync) in cases {
+        let t = TestDb::new(backend, DbOptions { sqlite_sync, ..DbOptions::default() });
         assert_eq!(t.db.backend(), backend);
         let got =
             t.db.run(|c| {
@@ -578,9 +585,12 @@ async fn sqlite_file_is_wal_with_full_sync_and_pg_commits_synchronously() {
             .await
             .expect("settings");
         match backend {
-            // 2 = FULL
             Backend::Sqlite => {
-                assert_eq!(got, vec!["wal", "2", "5000", "1"]);
+                let level = match sqlite_sync {
+                    SqliteSync::Normal => "1",
+                    SqliteSync::Full => "2",
+                };
+                assert_eq!(got, vec!["wal", level, "5000", "1"], "{sqlite_sync:?}");
                 assert!(std::path::Path::new(&t.url).exists());
             }
             Backend::Postgres => assert_eq!(got, vec!["on"]),
