@@ -189,7 +189,7 @@ impl Database {
         };
         let pool = r2d2::Pool::builder()
             .max_size(size)
-            .min_idle(Some(1))
+            .min_idle(Some(0))
             .connection_timeout(opts.connect_timeout)
             .error_handler(Box::new(LogPoolErrors))
             .build(manager.clone())

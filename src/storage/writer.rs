@@ -133,7 +133,12 @@ impl Shared {
 /// what was queued.
 pub(super) struct WriterHandle {
     shared: Arc<Shared>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
+
+/// How long dropping the handle waits for the writers to commit what is
+/// queued and close their connections.
+const STOP_WAIT: Duration = Duration::from_secs(2);
 
 impl WriterHandle {
     /// Starts the main writer and `writers - 1` helpers, each with its own
@@ -151,6 +156,7 @@ impl WriterHandle {
             limits: GroupLimits { batch_max: limits.batch_max.max(1), ..limits },
             counters: Arc::new(WriterCounters::default()),
         });
+        let mut threads = Vec::with_capacity(writers.max(1));
         for i in 0..writers.max(1) {
             let writer = Writer {
                 manager: manager.clone(),
@@ -162,9 +168,9 @@ impl WriterHandle {
                 wal: if i == 0 { wal.clone() } else { None },
             };
             let name = if i == 0 { "duet-db-writer".to_owned() } else { format!("duet-db-helper-{i}") };
-            std::thread::Builder::new().name(name).spawn(move || writer.run())?;
+            threads.push(std::thread::Builder::new().name(name).spawn(move || writer.run())?);
         }
-        Ok(WriterHandle { shared })
+        Ok(WriterHandle { shared, threads })
     }
 
     /// Queues a batch now; the receiver resolves when it is committed (or
@@ -197,10 +203,18 @@ impl WriterHandle {
 }
 
 impl Drop for WriterHandle {
+    /// The writers commit what is queued, then stop. Waiting for them (at
+    /// most [`STOP_WAIT`]) lets their connections close with a goodbye: a
+    /// process that exits right after (the CLI, a stopped server) would
+    /// otherwise reset them mid-session, which PostgreSQL logs as an error.
     fn drop(&mut self) {
         self.shared.lock().closed = true;
         self.shared.main.notify_all();
         self.shared.helpers.notify_all();
+        let until = Instant::now() + STOP_WAIT;
+        while self.threads.iter().any(|t| !t.is_finished()) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }
 
