@@ -41,7 +41,7 @@ use duet_actors::error::StoreError;
 use duet_actors::ports::AppendBatch;
 use tokio::sync::oneshot;
 
-use super::append::{commit_group, commit_plain_group_pg, validate, SeqCache};
+use super::append::{commit_group, commit_plain_group_pg, validate, warm_up, SeqCache};
 use super::checkpoint::{self, WalCheckpoints};
 use super::conn::ConnManager;
 use super::{DbConn, StorageError};
@@ -273,6 +273,8 @@ struct Writer {
 impl Writer {
     fn run(mut self) {
         let shared = self.shared.clone();
+        // Connected and warm before the first group, not while it waits.
+        let _ = self.connection();
         while let Some(Group { jobs, held, mut seqs }) = self.next_group() {
             shared.counters.queued.fetch_sub(jobs.len(), Ordering::Relaxed);
             let batches: Vec<&AppendBatch> = jobs.iter().map(|j| &j.batch).collect();
@@ -477,10 +479,18 @@ impl Writer {
             if self.retry_at.is_some_and(|at| Instant::now() < at) {
                 return None;
             }
-            match self.manager.open() {
+            let started = Instant::now();
+            let opened = self.manager.open().map_err(|e| e.to_string()).and_then(|mut conn| {
+                warm_up(&mut conn).map_err(|e| e.to_string())?;
+                Ok(conn)
+            });
+            match opened {
                 Ok(conn) => {
+                    let ms = started.elapsed().as_secs_f64() * 1000.0;
                     if self.retry_at.take().is_some() {
-                        tracing::info!("event writer reconnected to the database");
+                        tracing::info!(main = self.main, connect_ms = ms, "event writer reconnected to the database");
+                    } else {
+                        tracing::debug!(main = self.main, connect_ms = ms, "event writer connected");
                     }
                     self.backoff = FIRST_BACKOFF;
                     self.conn = Some(conn);

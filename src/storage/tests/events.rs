@@ -277,6 +277,41 @@ fn helpers_at_once() -> DbOptions {
 }
 
 #[tokio::test]
+async fn every_writer_is_connected_and_warm_before_the_first_append() {
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    // A helper is wanted beside a slow commit; if it connected only then,
+    // its first group waited for a backend's cold start (~50 ms under load).
+    let writers = 3;
+    let t = TestDb::new(Backend::Postgres, DbOptions { pg_writers: writers, ..DbOptions::default() });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = t
+            .db
+            .run(|c| {
+                diesel::sql_query(
+                    "SELECT count(*) AS n FROM pg_stat_activity \
+                     WHERE datname = current_database() AND application_name = 'duet-writer' \
+                     AND query LIKE 'SELECT EXISTS%'",
+                )
+                .get_result::<Count>(c)
+            })
+            .await
+            .expect("pg_stat_activity")
+            .n;
+        if n == writers as i64 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{n} of {writers} writers connected and warmed up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(t.db.stats().writer_commits, 0, "no append was made");
+}
+
+#[tokio::test]
 async fn sqlite_has_one_writer_and_no_session_is_reordered() {
     let t = TestDb::new(Backend::Sqlite, helpers_at_once());
     interleaved_appends(&t.db.event_store()).await;
