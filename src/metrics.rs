@@ -58,6 +58,7 @@ pub struct Metrics {
     pub db_helper_commits: Gauge,
     pub db_wal_checkpoints: Gauge,
     pub db_wal_checkpoint: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub db_wal_syncs: Gauge,
     pub otp_requests: Counter,
     pub otp_failures: Counter,
 }
@@ -96,6 +97,7 @@ impl Metrics {
             db_helper_commits: Gauge::default(),
             db_wal_checkpoints: Gauge::default(),
             db_wal_checkpoint: Gauge::default(),
+            db_wal_syncs: Gauge::default(),
             otp_requests: Counter::default(),
             otp_failures: Counter::default(),
             registry: Registry::default(),
@@ -141,6 +143,11 @@ impl Metrics {
             m.db_helper_commits.clone(),
         );
         registry.register(
+            "db_wal_syncs",
+            "SQLite at synchronous=NORMAL: fsyncs of the WAL by the checkpointer, once per round (a total)",
+            m.db_wal_syncs.clone(),
+        );
+        registry.register(
             "db_wal_checkpoints",
             "SQLite: WAL checkpoints the writer finished between group commits (a total)",
             m.db_wal_checkpoints.clone(),
@@ -167,6 +174,7 @@ impl Metrics {
         self.db_helper_commits.set(db.writer_helper_commits as i64);
         self.db_wal_checkpoints.set(db.wal_checkpoints as i64);
         self.db_wal_checkpoint.set(db.wal_checkpoint_micros as f64 / 1e6);
+        self.db_wal_syncs.set(db.wal_syncs as i64);
         self.sessions_live.set(stats.live_sessions as i64);
         self.sessions_served.set(stats.served_sessions as i64);
         self.agents.set(stats.agents as i64);

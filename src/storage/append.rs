@@ -347,7 +347,7 @@ pub(super) const WRITER_APPLICATION_NAME: &str = "duet-writer";
 /// writer has not seen), so that the backend has planned them and loaded
 /// the tables' catalog entries before a message waits on it. A helper
 /// connects beside a slow commit, and its first group used to pay the
-/// backend's cold start on top (measured: one stall of ~50 ms per run).
+/// backend's cold start on top (tens of ms under load; BENCHMARKS.md).
 /// SQLite runs in-process and prepares in microseconds: nothing to do.
 pub(super) fn warm_up(conn: &mut DbConn) -> QueryResult<()> {
     use diesel::connection::SimpleConnection;

@@ -12,8 +12,8 @@
 //!   batch it is sent in), then `foreign_keys=ON` and the `synchronous`
 //!   level of [`SqliteSync`] (`DUET_SQLITE_SYNC`). Events are acked after
 //!   their commit either way; the level says what a commit waits for. NORMAL
-//!   (the default) survives the death of the process and fsyncs the WAL
-//!   before every checkpoint (every 500 ms); FULL also survives a power
+//!   (the default) survives the death of the process; the checkpointer
+//!   fsyncs the WAL every 500 ms; FULL also survives a power
 //!   loss, at one fsync per group commit, which on a virtual disk costs more
 //!   than the rest of a message's path (BENCHMARKS.md). WAL itself is set
 //!   once per database file, by [`prepare`], before the pool opens.
@@ -48,10 +48,10 @@ const PG_MIGRATION_LOCK: i64 = 0x6475_6574;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum SqliteSync {
     /// `synchronous=NORMAL`: a commit is written to the WAL but not
-    /// fsynced; the WAL is fsynced before each checkpoint, which runs every
+    /// fsynced; the checkpointer fsyncs the WAL every
     /// [`super::checkpoint::CHECKPOINT_EVERY`]. An acked event survives the
     /// death of the process (kill -9, a panic, OOM); a power loss can take
-    /// back the events acked since the last checkpoint (about half a second).
+    /// back the events acked since that last fsync (about half a second).
     #[default]
     Normal,
     /// `synchronous=FULL`: every commit fsyncs the WAL before its ack, so an
@@ -160,6 +160,10 @@ impl ConnManager {
 
     pub(crate) fn backend(&self) -> Backend {
         self.target.backend()
+    }
+
+    pub(crate) fn sqlite_sync(&self) -> SqliteSync {
+        self.sqlite_sync
     }
 
     /// The database file, for SQLite.

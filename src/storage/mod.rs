@@ -129,6 +129,8 @@ pub struct DbStats {
     /// microseconds they took (a pause of the writer each).
     pub wal_checkpoints: u64,
     pub wal_checkpoint_micros: u64,
+    /// SQLite at `synchronous=NORMAL`: the checkpointer's fsyncs of the WAL.
+    pub wal_syncs: u64,
 }
 
 /// The database: a pool for queries, and the event writer. Cheap to clone;
@@ -289,6 +291,7 @@ impl Database {
             writer_busy_micros: writer.busy_micros.load(Relaxed),
             wal_checkpoints: self.inner.wal.as_ref().map_or(0, |w| w.finished.load(Relaxed)),
             wal_checkpoint_micros: self.inner.wal.as_ref().map_or(0, |w| w.finish_micros.load(Relaxed)),
+            wal_syncs: self.inner.wal.as_ref().map_or(0, |w| w.wal_syncs.load(Relaxed)),
         }
     }
 }

@@ -292,11 +292,13 @@ async fn every_writer_is_connected_and_warm_before_the_first_append() {
         let n = t
             .db
             .run(|c| {
-                diesel::sql_query(
+                // The warm-up's last statement is the seq lookup's EXISTS.
+                diesel::sql_query(format!(
                     "SELECT count(*) AS n FROM pg_stat_activity \
-                     WHERE datname = current_database() AND application_name = 'duet-writer' \
+                     WHERE datname = current_database() AND application_name = '{}' \
                      AND query LIKE 'SELECT EXISTS%'",
-                )
+                    crate::storage::append::WRITER_APPLICATION_NAME
+                ))
                 .get_result::<Count>(c)
             })
             .await
@@ -309,6 +311,31 @@ async fn every_writer_is_connected_and_warm_before_the_first_append() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(t.db.stats().writer_commits, 0, "no append was made");
+}
+
+/// At NORMAL no commit fsyncs: the checkpointer must, every round, even
+/// while a reader's open snapshot keeps SQLite's own checkpoint from
+/// copying (and so from syncing) anything.
+#[tokio::test]
+async fn at_normal_sync_the_checkpointer_fsyncs_the_wal_every_round_despite_a_reader() {
+    let t = TestDb::new(Backend::Sqlite, DbOptions { sqlite_sync: SqliteSync::Normal, ..DbOptions::default() });
+    let store = t.db.event_store();
+    let id = sid();
+    ok(&store, create(&id)).await;
+    let mut reader = diesel::SqliteConnection::establish(&t.url).expect("reader");
+    reader.batch_execute("BEGIN; SELECT count(*) FROM events;").expect("reader snapshot");
+    ok(&store, says(&id, 2, Some("k2"))).await;
+    let before = t.db.stats().wal_syncs;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while t.db.stats().wal_syncs < before + 2 {
+        assert!(std::time::Instant::now() < deadline, "the WAL was not fsynced within 5 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    reader.batch_execute("COMMIT").expect("reader done");
+    let full = TestDb::new(Backend::Sqlite, DbOptions { sqlite_sync: SqliteSync::Full, ..DbOptions::default() });
+    ok(&full.db.event_store(), create(&sid())).await;
+    tokio::time::sleep(super::super::checkpoint::CHECKPOINT_EVERY * 3).await;
+    assert_eq!(full.db.stats().wal_syncs, 0, "at FULL every commit syncs itself");
 }
 
 #[tokio::test]
