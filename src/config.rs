@@ -250,14 +250,7 @@ impl Config {
             r.problems.push(format!("DUET_DB_WRITERS={db_writers} must be between 1 and 16"));
         }
         let db_timeout = Duration::from_millis(r.parse("DUET_DB_TIMEOUT_MS", 2000u64, "a number of milliseconds").clamp(100, 60_000));
-        let sqlite_sync = match r.raw("DUET_SQLITE_SYNC").map(|v| (v.to_owned(), SqliteSync::parse(v))) {
-            None => SqliteSync::default(),
-            Some((_, Some(s))) => s,
-            Some((v, None)) => {
-                r.problems.push(format!("DUET_SQLITE_SYNC={v:?} must be normal or full"));
-                SqliteSync::default()
-            }
-        };
+        let sqlite_sync = r.parse("DUET_SQLITE_SYNC", SqliteSync::default(), "normal or full");
         let admin_idle_ttl = r.secs("DUET_ADMIN_IDLE_S", 1800, 60, 30 * 86400);
         let admin_max_ttl = r.secs("DUET_ADMIN_MAX_S", 12 * 3600, 60, 90 * 86400);
         let otp_ttl = r.secs("DUET_OTP_TTL_S", 300, 30, 3600);

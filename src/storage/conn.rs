@@ -59,16 +59,20 @@ pub enum SqliteSync {
     Full,
 }
 
-impl SqliteSync {
+impl std::str::FromStr for SqliteSync {
+    type Err = ();
+
     /// Reads `normal` or `full` (any case).
-    pub fn parse(v: &str) -> Option<SqliteSync> {
+    fn from_str(v: &str) -> Result<SqliteSync, ()> {
         match v.to_ascii_lowercase().as_str() {
-            "normal" => Some(SqliteSync::Normal),
-            "full" => Some(SqliteSync::Full),
-            _ => None,
+            "normal" => Ok(SqliteSync::Normal),
+            "full" => Ok(SqliteSync::Full),
+            _ => Err(()),
         }
     }
+}
 
+impl SqliteSync {
     fn pragma(self) -> &'static str {
         match self {
             SqliteSync::Normal => "NORMAL",
