@@ -48,7 +48,11 @@ impl AppState {
 
 /// Per-IP and per-admin limits that hold on this node (governor). The
 /// floors are PROTOCOL.md's: 200 upgrades and 200 joins per 10 s per IP, 3
-/// code requests per minute per admin id.
+/// code requests per minute per admin id. The per-IP limits sit half as
+/// high again (300 per 10 s), so that a client at the floor (and its agents
+/// behind the same address) never meets them. Codes per IP have no floor;
+/// 300 requests and verifies a minute let a whole office behind one NAT
+/// sign in, and the per-admin lockout is what stops guessing.
 pub struct Limits {
     enabled: bool,
     upgrades: DefaultKeyedRateLimiter<IpAddr>,
@@ -70,10 +74,10 @@ impl Limits {
     fn new(enabled: bool) -> Limits {
         Limits {
             enabled,
-            upgrades: RateLimiter::keyed(per_10s(200)),
-            joins: RateLimiter::keyed(per_10s(200)),
+            upgrades: RateLimiter::keyed(per_10s(300)),
+            joins: RateLimiter::keyed(per_10s(300)),
             otp_per_admin: RateLimiter::keyed(Quota::per_minute(NonZeroU32::new(3).expect("3 is not zero"))),
-            otp_per_ip: RateLimiter::keyed(Quota::per_minute(NonZeroU32::new(30).expect("30 is not zero"))),
+            otp_per_ip: RateLimiter::keyed(Quota::per_minute(NonZeroU32::new(300).expect("300 is not zero"))),
         }
     }
 

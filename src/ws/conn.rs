@@ -51,10 +51,14 @@ pub fn next_conn_id() -> u64 {
     CONN_IDS.fetch_add(1, Ordering::Relaxed)
 }
 
-/// Per-connection flood limit: PROTOCOL.md's floor is 50 msg/s sustained
-/// with bursts of 200; a client over it gets `rate_limited`, and one that
+/// Per-connection flood limit. PROTOCOL.md's floor is 50 msg/s sustained
+/// with bursts of 200; the limit sits half as high again (75/s, bursts of
+/// 300), so a client at the floor plus its join, pings and a timer's jitter
+/// is never refused. A client over it gets `rate_limited`, and one that
 /// keeps going for this many frames in a row is closed.
 const FLOOD_CLOSE_AFTER: u32 = 400;
+const FLOOD_PER_S: u32 = 75;
+const FLOOD_BURST: u32 = 300;
 
 pub struct Limits {
     pub heartbeat: Duration,
@@ -62,8 +66,8 @@ pub struct Limits {
 }
 
 fn frame_limiter() -> DefaultDirectRateLimiter {
-    let per_s = NonZeroU32::new(50).expect("50 is not zero");
-    let burst = NonZeroU32::new(200).expect("200 is not zero");
+    let per_s = NonZeroU32::new(FLOOD_PER_S).expect("a constant above zero");
+    let burst = NonZeroU32::new(FLOOD_BURST).expect("a constant above zero");
     RateLimiter::direct(Quota::per_second(per_s).allow_burst(burst))
 }
 

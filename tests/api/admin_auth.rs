@@ -33,13 +33,17 @@ fn assert_error(body: &Value, code: &str) {
     assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
 }
 
-/// The one-time codes the log shows for `admin_id`, oldest first.
+/// The one-time codes the log shows for `admin_id`, oldest first: the two
+/// keys of a JSON line, or `admin_id=alice code=48213907` in a text line,
+/// as PROTOCOL.md words it (read literally: no escape codes in between).
 fn logged_codes(app: &TestApp, admin_id: &str) -> Vec<String> {
+    let text_key = format!("admin_id={admin_id} code=");
     app.logs()
         .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["admin_id"] == admin_id)
-        .filter_map(|v| v["code"].as_str().map(str::to_owned))
+        .filter_map(|l| match serde_json::from_str::<Value>(l) {
+            Ok(v) => (v["admin_id"] == admin_id).then(|| v["code"].as_str().map(str::to_owned)).flatten(),
+            Err(_) => l.split_once(&text_key).map(|(_, rest)| rest.chars().take_while(char::is_ascii_digit).collect()),
+        })
         .collect()
 }
 
@@ -141,6 +145,18 @@ async fn queues_status(app: &TestApp, headers: &[(&str, &str)]) -> (u16, Value) 
     }
     let (s, _, b) = answer(r.send().await.unwrap()).await;
     (s, b)
+}
+
+/// The default development log is text: a person or a test on the machine
+/// reads the code from it as written, and logs in with it.
+#[tokio::test]
+async fn a_code_in_the_text_log_reads_as_admin_id_and_code() {
+    let app = TestApp::spawn_with(Options { env: vec![("DUET_LOG_FORMAT", "text".into())], ..Options::default() }).await;
+    add_admin(&app, "carol");
+    let code = request_code(&app, "carol").await;
+    assert!(!app.logs().contains('\u{1b}'), "no terminal escape codes in a piped log");
+    let (status, _, body) = verify(&app, "carol", &code).await;
+    assert_eq!(status, 200, "{body}");
 }
 
 #[tokio::test]
@@ -415,4 +431,27 @@ async fn production_never_logs_a_code_and_says_delivery_is_unavailable() {
     // The operator's way in still works.
     let token = app.admin_token("prod-admin");
     assert_eq!(queues_status(&app, &[("Authorization", &format!("Bearer {token}"))]).await.0, 200);
+}
+
+/// The per-admin floor (3 code requests a minute) holds, and a team
+/// signing in from one address is not refused: twenty admins request and
+/// verify a code each within seconds, then one asks a fourth time.
+#[tokio::test]
+async fn a_team_behind_one_address_signs_in_and_the_per_admin_floor_holds() {
+    let app = TestApp::spawn().await;
+    for i in 0..20 {
+        let id = format!("team-{i}");
+        add_admin(&app, &id);
+        let code = request_code(&app, &id).await;
+        let (status, _, body) = verify(&app, &id, &code).await;
+        assert_eq!(status, 200, "admin {i} of 20 from one address: {body}");
+    }
+    for n in 2..=3 {
+        let (status, _, body) = answer(post(&app, "/admin/otp/request", &json!({"admin_id":"team-0"})).await).await;
+        assert_eq!(status, 202, "request {n} of 3 in a minute: {body}");
+    }
+    let (status, retry, body) = answer(post(&app, "/admin/otp/request", &json!({"admin_id":"team-0"})).await).await;
+    assert_eq!(status, 429, "a fourth request within the minute: {body}");
+    assert_error(&body, "rate_limited");
+    assert!(retry.is_some(), "429 carries Retry-After");
 }
