@@ -5,19 +5,23 @@
 //! handles one request at a time (`ctx.wait`), so a `say` sent right after a
 //! `take` always finds the session taken.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use actix::prelude::*;
 use tokio::sync::oneshot;
 use tracing::info;
 
-use crate::domain::{AgentInfo, ClientRef, SessionId, Seq};
+use crate::domain::{now_ms, AgentInfo, ClientRef, SessionId, Seq};
 use crate::error::ActorError;
 use crate::outbound::{ConnHandle, Outbound, CLOSE_SUPERSEDED};
 use crate::registry::{AgentChanged, AgentGone, FindSession, TakeFromQueue};
-use crate::session::{AgentCmd, AgentDetached, AgentLost, Assign, AttachAgent, FromAgent, SessionActor};
+use crate::session::{AgentCmd, AgentDetached, AgentLost, AgentResume, Assign, AttachAgent, FromAgent, SessionActor};
 use crate::settings::Deps;
 use crate::views::{AgentStatus, AgentView, Dashboard};
+
+/// How many ended sessions an agent remembers for `not_found` answers.
+const ENDED_REMEMBERED: usize = 16;
 
 /// Whom `take` asks for.
 #[derive(Clone, Debug)]
@@ -42,6 +46,10 @@ pub struct AgentActor {
     conn: Option<ConnHandle>,
     away: bool,
     serving: Option<(SessionId, Addr<SessionActor>)>,
+    /// The last sessions this agent served that have ended, newest last:
+    /// a message for one of them is `not_found` (PROTOCOL.md: after `ended`
+    /// messages for the session get `not_found`), not `forbidden`.
+    ended: VecDeque<SessionId>,
     grace: Option<SpawnHandle>,
     span: tracing::Span,
 }
@@ -49,7 +57,7 @@ pub struct AgentActor {
 impl AgentActor {
     pub fn new(deps: Deps, info: AgentInfo, conn: ConnHandle) -> AgentActor {
         let span = tracing::info_span!("agent", agent_id = %info.id, node = %deps.settings.node_id);
-        AgentActor { deps, info, conn: Some(conn), away: true, serving: None, grace: None, span }
+        AgentActor { deps, info, conn: Some(conn), away: true, serving: None, ended: VecDeque::new(), grace: None, span }
     }
 
     fn status(&self) -> AgentStatus {
@@ -87,6 +95,7 @@ impl AgentActor {
     }
 
     fn take(&mut self, conn: ConnHandle, target: TakeTarget, client_ref: Option<ClientRef>, ctx: &mut Context<Self>) {
+        let asked_at_ms = now_ms();
         if self.serving.is_some() {
             self.reply(&conn, client_ref, Err(ActorError::Conflict("you already serve a customer; end that session first")));
             return;
@@ -97,7 +106,7 @@ impl AgentActor {
         let live = Some(conn.clone());
         let fut = async move {
             let (sid, session) = registry
-                .send(TakeFromQueue { target })
+                .send(TakeFromQueue { target, asked_at_ms })
                 .await
                 .map_err(|_| ActorError::Internal)??;
             let seq = session
@@ -141,14 +150,19 @@ impl AgentActor {
                 .ok_or(ActorError::NotFound("no such session, or it has ended"))?;
             let (done, answer) = oneshot::channel();
             session.do_send(AttachAgent { agent_id, agent_addr: me, conn: replay_conn, last_seq, client_ref: cref, done });
-            answer.await.map_err(|_| ActorError::NotFound("the session is gone"))??;
-            Ok::<_, ActorError>(session)
+            match answer.await.map_err(|_| ActorError::NotFound("the session is gone"))? {
+                AgentResume::Attached => Ok(Some(session)),
+                AgentResume::Refused(e) => Err(e),
+                // Answered already (ack, then an error without a ref).
+                AgentResume::ReplayFailed => Ok(None),
+            }
         };
         ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
-            Ok(session) => {
+            Ok(Some(session)) => {
                 act.serving = Some((session_id, session));
                 act.report(ctx);
             }
+            Ok(None) => {}
             Err(e) => act.reply(&conn, client_ref, Err(e)),
         }));
     }
@@ -219,7 +233,12 @@ impl Handler<FromAgentConn> for AgentActor {
                 _ => {
                     let client_ref = cmd.client_ref();
                     if client_ref.is_some() {
-                        self.reply(&conn, client_ref, Err(ActorError::Forbidden("you do not serve this session")));
+                        let error = if self.ended.contains(&session_id) {
+                            ActorError::NotFound("the session has ended")
+                        } else {
+                            ActorError::Forbidden("you do not serve this session")
+                        };
+                        self.reply(&conn, client_ref, Err(error));
                     }
                 }
             },
@@ -288,6 +307,12 @@ impl Handler<ServedSessionEnded> for AgentActor {
         if self.serving.as_ref().is_some_and(|(s, _)| *s == msg.session_id) {
             self.serving = None;
             self.report(ctx);
+        }
+        if !self.ended.contains(&msg.session_id) {
+            if self.ended.len() == ENDED_REMEMBERED {
+                self.ended.pop_front();
+            }
+            self.ended.push_back(msg.session_id);
         }
     }
 }

@@ -111,6 +111,23 @@ pub enum TakeOutcome {
     NotWaiting,
 }
 
+/// The outcome of taking the next customer of a topic.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TakeNext {
+    Taken(QueueEntry),
+    /// Nobody waits, and the last one was taken after (or just before)
+    /// this take was asked for: it lost a race (`conflict`).
+    JustTaken,
+    /// Nobody waits (`not_found`).
+    Empty,
+}
+
+/// A take asked for at most this long after the topic's last take still
+/// lost a race to it: frames of two agents pressing "take" together reach
+/// their actors some milliseconds apart on a loaded machine. A take asked
+/// later found the queue empty.
+pub const TAKE_RACE_SLACK_MS: i64 = 50;
+
 /// FIFO queues per topic. Every operation is atomic: two takers never both
 /// get the same entry, whichever node they are on.
 pub trait QueueStore: Send + Sync + 'static {
@@ -120,7 +137,9 @@ pub trait QueueStore: Send + Sync + 'static {
     /// Puts an entry back at the head (its agent was lost); answers the
     /// queue's length after it.
     fn push_front(&self, entry: QueueEntry) -> PortFuture<usize>;
-    fn take_next(&self, topic: &str) -> PortFuture<Option<QueueEntry>>;
+    /// The head of the queue; `asked_at_ms` (wall clock, when the agent's
+    /// request arrived) tells a lost race from an empty queue.
+    fn take_next(&self, topic: &str, asked_at_ms: i64) -> PortFuture<TakeNext>;
     fn take(&self, topic: &str, session_id: &SessionId) -> PortFuture<TakeOutcome>;
     /// Removes an entry; answers whether it was there.
     fn remove(&self, topic: &str, session_id: &SessionId) -> PortFuture<bool>;

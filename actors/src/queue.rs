@@ -11,12 +11,15 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::domain::SessionId;
-use crate::ports::{PortFuture, QueueEntry, QueueStore, TakeOutcome, TopicQueue};
+use crate::domain::{now_ms, SessionId};
+use crate::ports::{PortFuture, QueueEntry, QueueStore, TakeNext, TakeOutcome, TopicQueue, TAKE_RACE_SLACK_MS};
 
 #[derive(Default)]
 pub struct MemoryQueue {
     topics: Mutex<HashMap<Arc<str>, VecDeque<QueueEntry>>>,
+    /// When each topic last had a customer taken (ms, wall clock; written
+    /// under the `topics` lock: taken and recorded in one critical section).
+    last_taken: Mutex<HashMap<Arc<str>, i64>>,
 }
 
 impl MemoryQueue {
@@ -49,9 +52,17 @@ impl QueueStore for MemoryQueue {
         done(q.len())
     }
 
-    fn take_next(&self, topic: &str) -> PortFuture<Option<QueueEntry>> {
+    fn take_next(&self, topic: &str, asked_at_ms: i64) -> PortFuture<TakeNext> {
         let mut topics = self.topics.lock();
-        done(topics.get_mut(topic).and_then(VecDeque::pop_front))
+        let mut last_taken = self.last_taken.lock();
+        done(match topics.get_mut(topic).and_then(VecDeque::pop_front) {
+            Some(e) => {
+                last_taken.insert(e.topic.clone(), now_ms());
+                TakeNext::Taken(e)
+            }
+            None if last_taken.get(topic).is_some_and(|&t| asked_at_ms <= t + TAKE_RACE_SLACK_MS) => TakeNext::JustTaken,
+            None => TakeNext::Empty,
+        })
     }
 
     fn take(&self, topic: &str, session_id: &SessionId) -> PortFuture<TakeOutcome> {
@@ -61,7 +72,10 @@ impl QueueStore for MemoryQueue {
             q.remove(i)
         });
         done(match taken {
-            Some(e) => TakeOutcome::Taken(e),
+            Some(e) => {
+                self.last_taken.lock().insert(e.topic.clone(), now_ms());
+                TakeOutcome::Taken(e)
+            }
             None => TakeOutcome::NotWaiting,
         })
     }
@@ -120,12 +134,30 @@ mod tests {
         assert_eq!(block(q.push_back(entry("a"))), (1, 1));
         assert_eq!(block(q.push_back(entry("b"))), (2, 2));
         assert_eq!(block(q.push_back(entry("a"))), (1, 2), "re-join keeps the place");
-        let a = block(q.take_next("support")).expect("a waits");
+        let asked = now_ms();
+        let TakeNext::Taken(a) = block(q.take_next("support", asked)) else { panic!("a waits") };
         assert_eq!(&*a.session_id, "a");
         assert_eq!(block(q.push_front(a)), 2);
-        assert_eq!(&*block(q.take_next("support")).expect("a again").session_id, "a");
-        assert_eq!(&*block(q.take_next("support")).expect("b").session_id, "b");
-        assert!(block(q.take_next("support")).is_none());
+        let taken = |q: &MemoryQueue| match block(q.take_next("support", asked)) {
+            TakeNext::Taken(e) => e.session_id.to_string(),
+            other => panic!("expected a customer, got {other:?}"),
+        };
+        assert_eq!(taken(&q), "a");
+        assert_eq!(taken(&q), "b");
+        assert_eq!(block(q.take_next("support", asked)), TakeNext::JustTaken, "asked before b was taken: a lost race");
+        assert_eq!(block(q.take_next("sales", asked)), TakeNext::Empty, "nobody was ever there");
+    }
+
+    #[test]
+    fn an_empty_topic_is_a_lost_race_only_for_a_take_asked_before_the_last_one() {
+        let q = MemoryQueue::new();
+        block(q.push_back(entry("a")));
+        let id: SessionId = Arc::from("a");
+        let asked = now_ms();
+        assert!(matches!(block(q.take("support", &id)), TakeOutcome::Taken(_)));
+        assert_eq!(block(q.take_next("support", asked)), TakeNext::JustTaken, "a given take counts too");
+        let later = now_ms() + TAKE_RACE_SLACK_MS + 1;
+        assert_eq!(block(q.take_next("support", later)), TakeNext::Empty, "asked after the last take");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::agent::{AgentActor, AttachAgentConn, PushDashboard, TakeTarget};
 use crate::domain::{now_ms, AgentId, AgentInfo, SessionId};
 use crate::error::ActorError;
 use crate::outbound::{ConnHandle, Outbound};
-use crate::ports::{QueueStore, SessionStatus, TakeOutcome, TopicQueue};
+use crate::ports::{QueueStore, SessionStatus, TakeNext, TakeOutcome, TopicQueue};
 use crate::session::{QueuePosition, SessionActor};
 use crate::settings::{Deps, Settings};
 use crate::views::{AgentStatus, AgentView, Dashboard, NodeView, QueueView, SessionView, WaitingView};
@@ -416,6 +416,8 @@ impl Handler<AgentGone> for RegistryActor {
 #[rtype(result = "Result<(SessionId, Addr<SessionActor>), ActorError>")]
 pub struct TakeFromQueue {
     pub target: TakeTarget,
+    /// When the agent asked (ms, wall clock): a race lost or an empty queue.
+    pub asked_at_ms: i64,
 }
 
 impl Handler<TakeFromQueue> for RegistryActor {
@@ -430,9 +432,10 @@ impl Handler<TakeFromQueue> for RegistryActor {
         };
         let fut = async move {
             match msg.target {
-                TakeTarget::NextIn(topic) => match queue.take_next(&topic).await? {
-                    Some(e) => Ok(Ok(e.session_id)),
-                    None => Ok(Err(ActorError::NotFound("nobody is waiting in that topic"))),
+                TakeTarget::NextIn(topic) => match queue.take_next(&topic, msg.asked_at_ms).await? {
+                    TakeNext::Taken(e) => Ok(Ok(e.session_id)),
+                    TakeNext::JustTaken => Ok(Err(ActorError::Conflict("another agent has taken the last customer waiting"))),
+                    TakeNext::Empty => Ok(Err(ActorError::NotFound("nobody is waiting in that topic"))),
                 },
                 TakeTarget::Session(id) => {
                     let topic = match known_topic {
@@ -447,7 +450,14 @@ impl Handler<TakeFromQueue> for RegistryActor {
                     };
                     match queue.take(&topic, &id).await? {
                         TakeOutcome::Taken(e) => Ok(Ok(e.session_id)),
-                        TakeOutcome::NotWaiting => Ok(Err(ActorError::Conflict("another agent has taken this customer"))),
+                        // Not waiting: taken by another agent, unless it
+                        // ended (it lingers in the registry a while).
+                        TakeOutcome::NotWaiting => match store.load_session(&id).await? {
+                            Some(s) if matches!(s.status, SessionStatus::Ended { .. }) => {
+                                Ok(Err(ActorError::NotFound("that session has ended")))
+                            }
+                            _ => Ok(Err(ActorError::Conflict("another agent has taken this customer"))),
+                        },
                     }
                 }
             }

@@ -1068,8 +1068,22 @@ pub struct AttachAgent {
     pub conn: ConnHandle,
     pub last_seq: Seq,
     pub client_ref: Option<ClientRef>,
-    /// Told whether the resume worked, so the agent actor knows what it serves.
-    pub done: oneshot::Sender<Result<(), ActorError>>,
+    /// Told how the resume went, so the agent actor knows what it serves.
+    pub done: oneshot::Sender<AgentResume>,
+}
+
+/// How an agent's resume went.
+#[derive(Debug)]
+pub enum AgentResume {
+    /// Replayed; live events follow.
+    Attached,
+    /// Refused before anything was sent: the agent's `ref` is answered
+    /// with this error.
+    Refused(ActorError),
+    /// `resumed` and the ack went out, then the replay failed: the client
+    /// got the error without a `ref` (its ref has had its one answer) and
+    /// resumes again.
+    ReplayFailed,
 }
 
 impl Handler<AttachAgent> for SessionActor {
@@ -1078,7 +1092,7 @@ impl Handler<AttachAgent> for SessionActor {
     fn handle(&mut self, msg: AttachAgent, ctx: &mut Context<Self>) {
         let _g = self.span.clone().entered();
         if let Err(e) = self.served_by(&msg.agent_id) {
-            let _ = msg.done.send(Err(e));
+            let _ = msg.done.send(AgentResume::Refused(e));
             return;
         }
         if let Some(t) = self.agent_timer.take() {
@@ -1095,12 +1109,19 @@ impl Handler<AttachAgent> for SessionActor {
         }
         let done = msg.done;
         self.replay(conn.clone(), msg.last_seq, move |act, _ctx, res| {
-            if res.is_ok() {
-                if let Some(link) = &mut act.agent {
-                    link.conn = Some(conn);
+            let outcome = match res {
+                Ok(()) => {
+                    if let Some(link) = &mut act.agent {
+                        link.conn = Some(conn);
+                    }
+                    AgentResume::Attached
                 }
-            }
-            let _ = done.send(res);
+                Err(error) => {
+                    conn.push(Outbound::Error { client_ref: None, error });
+                    AgentResume::ReplayFailed
+                }
+            };
+            let _ = done.send(outcome);
         }, ctx);
         self.report(ctx);
     }

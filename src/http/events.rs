@@ -56,10 +56,11 @@ pub async fn list(req: HttpRequest, path: web::Path<String>, q: web::Query<Curso
     let after = number("after", &q.after)?;
     let before = number("before", &q.before)?;
     let limit = number("limit", &q.limit)?.unwrap_or(i64::from(PAGE_DEFAULT));
-    if limit < 1 || limit > i64::from(PAGE_MAX) {
-        return Err(HttpError::BadRequest(format!("`limit` must be between 1 and {PAGE_MAX}")));
+    if limit < 1 {
+        return Err(HttpError::BadRequest("`limit` must be at least 1".to_owned()));
     }
-    let limit = limit as u32;
+    // Larger asks get the largest page (with `next_after` when more exist).
+    let limit = limit.min(i64::from(PAGE_MAX)) as u32;
     if after.is_some() && before.is_some() {
         return Err(HttpError::BadRequest("give `after` or `before`, not both".to_owned()));
     }

@@ -111,3 +111,36 @@ async fn whole_conversation_on_sqlite() {
 async fn whole_conversation_on_postgres() {
     whole_conversation(Backend::Postgres).await;
 }
+
+/// The events API's pages: 50 events by default, at most 200 however many
+/// are asked for (with `next_after` while more exist), `limit=0` refused.
+#[tokio::test]
+async fn event_pages_default_to_50_and_hold_at_most_200() {
+    let app = TestApp::spawn().await;
+    let mut c = join(&app, "Pages", "support").await;
+    for i in 0..259 {
+        let a = c.client.request(json!({"type":"say","text":format!("line {i}")})).await;
+        assert_eq!(a["type"], "ack", "{a}");
+    }
+    // seq 1 is `session`, then 259 messages: 260 events.
+    let page = |q: String| {
+        let (app, sid, token) = (&app, c.session_id.clone(), c.resume_token.clone());
+        async move {
+            let r = app.get(&format!("/api/sessions/{sid}/events?{q}"), Some(&token)).await;
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap();
+            let seqs: Vec<i64> = body["events"].as_array().map(|a| a.iter().map(|e| e["seq"].as_i64().unwrap()).collect()).unwrap_or_default();
+            (status, seqs, body)
+        }
+    };
+    let (s, seqs, body) = page(String::new()).await;
+    assert_eq!((s, seqs, body["next_after"].as_i64()), (200, (1..=50).collect(), Some(50)), "default page");
+    let (s, seqs, body) = page("limit=1000".into()).await;
+    assert_eq!((s, seqs, body["next_after"].as_i64()), (200, (1..=200).collect(), Some(200)), "a page holds at most 200");
+    let (s, seqs, body) = page("after=200&limit=1000".into()).await;
+    assert_eq!((s, seqs, body.get("next_after")), (200, (201..=260).collect(), None), "the last page");
+    let (s, seqs, _) = page("before=100".into()).await;
+    assert_eq!((s, seqs), (200, (50..=99).collect()), "50 just before");
+    let (s, _, body) = page("limit=0".into()).await;
+    assert_eq!((s, body["error"]["code"].as_str()), (400, Some("bad_request")), "{body}");
+}

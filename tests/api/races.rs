@@ -89,9 +89,11 @@ async fn race(backend: Backend, by_session: bool, loser_code: &str) {
     eprintln!("{ROUNDS} rounds: {} won {}, {} won {}", ids[0], wins[0], ids[1], wins[1]);
 }
 
+/// The loser asked while the customer was still waiting: `conflict`, as
+/// for a given session (an empty queue asked later is `not_found`, below).
 #[tokio::test]
-async fn two_agents_racing_for_the_next_in_line_one_wins_the_other_is_not_found() {
-    race(Backend::Sqlite, false, "not_found").await;
+async fn two_agents_racing_for_the_next_in_line_one_wins_the_other_is_conflict() {
+    race(Backend::Sqlite, false, "conflict").await;
 }
 
 #[tokio::test]
@@ -138,6 +140,18 @@ async fn an_agent_serving_a_customer_cannot_take_another() {
     // Once Ann ends, she may take again.
     let end = ann.request(json!({"type":"end","session_id":first.session_id})).await;
     assert_eq!(end["type"], "ack", "{end}");
+    // The ended session is `not_found` for its agent and for a taker, at
+    // once (it still lingers in the node's memory then).
+    for frame in [
+        json!({"type":"say","session_id":first.session_id,"text":"too late"}),
+        json!({"type":"rtc","session_id":first.session_id,"kind":"offer","data":{"sdp":"x"}}),
+        json!({"type":"end","session_id":first.session_id}),
+    ] {
+        let e = ann.request(frame.clone()).await;
+        assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("not_found")), "{frame} → {e}");
+    }
+    let e = cy.request(json!({"type":"take","session_id":first.session_id})).await;
+    assert_eq!(e["code"], "not_found", "take an ended session: {e}");
     let third = join(&app, "Third", "support").await;
     let t = ann.request(json!({"type":"take","topic":"support"})).await;
     assert_eq!(t["session_id"], third.session_id.as_str(), "{t}");
