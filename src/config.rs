@@ -98,7 +98,12 @@ pub struct Config {
     /// Concurrent AI sessions per node (for the voice pipeline).
     #[allow(dead_code)]
     pub ai_capacity: usize,
-    pub llm_url: Option<String>,
+    /// AI providers, one per stage; the voice pipeline uses them.
+    pub providers: Providers,
+    /// `DUET_CONFIG`: checked readable at start; its providers and scripts
+    /// come with the voice pipeline.
+    #[allow(dead_code)]
+    pub config_file: Option<std::path::PathBuf>,
     pub outbox_frames: usize,
     pub db_pool_size: u32,
     /// PostgreSQL writer threads (SQLite always has one).
@@ -113,6 +118,28 @@ pub struct Config {
     pub workers: usize,
 }
 
+/// One OpenAI-compatible provider stage: `DUET_<STAGE>_URL` (a base URL
+/// ending in `/v1`), `_MODEL`, `_API_KEY`, and for speech `_VOICE`. Read
+/// and checked now; the voice pipeline (a later issue) calls them, until
+/// then only the language model's presence is used (`join` with `mode: ai`).
+#[allow(dead_code)]
+#[derive(Clone, Debug)]
+pub struct Provider {
+    pub url: String,
+    pub model: Option<String>,
+    pub api_key: Option<Secret>,
+    pub voice: Option<String>,
+}
+
+/// The primary provider of each stage; `None` where the URL is unset.
+#[allow(dead_code)]
+#[derive(Clone, Debug, Default)]
+pub struct Providers {
+    pub stt: Option<Provider>,
+    pub llm: Option<Provider>,
+    pub tts: Option<Provider>,
+}
+
 #[derive(Debug, Error)]
 #[error("invalid configuration:\n  {}", .0.join("\n  "))]
 pub struct ConfigError(pub Vec<String>);
@@ -125,6 +152,36 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
+    /// `DUET_<stage>_URL` and its companions; a companion without the URL,
+    /// or a URL that is not an http(s) base URL ending in `/v1`, is a
+    /// problem (PROTOCOL.md: "OpenAI-compatible base URL ending in /v1").
+    fn provider(&mut self, stage: &str, with_voice: bool) -> Option<Provider> {
+        let var = |what: &str| format!("DUET_{stage}_{what}");
+        let mut companions = vec!["MODEL", "API_KEY"];
+        if with_voice {
+            companions.push("VOICE");
+        }
+        let Some(url) = self.raw(&var("URL")).map(str::to_owned) else {
+            for c in companions {
+                if self.raw(&var(c)).is_some() {
+                    self.problems.push(format!("{} is set but {} is not", var(c), var("URL")));
+                }
+            }
+            return None;
+        };
+        let base = url.trim_end_matches('/');
+        let host = base.strip_prefix("https://").or_else(|| base.strip_prefix("http://")).and_then(|rest| rest.split('/').next());
+        if host.is_none_or(str::is_empty) || !base.ends_with("/v1") {
+            self.problems.push(format!("{}={url:?} must be an http(s) base URL ending in /v1 (e.g. https://api.openai.com/v1)", var("URL")));
+        }
+        Some(Provider {
+            url: base.to_owned(),
+            model: self.raw(&var("MODEL")).map(str::to_owned),
+            api_key: self.raw(&var("API_KEY")).map(|k| Secret(k.to_owned())),
+            voice: if with_voice { self.raw(&var("VOICE")).map(str::to_owned) } else { None },
+        })
+    }
+
     fn raw(&self, name: &str) -> Option<&str> {
         self.vars.get(name).map(|s| s.trim()).filter(|s| !s.is_empty())
     }
@@ -235,7 +292,17 @@ impl Config {
         let agent_grace = r.secs("DUET_AGENT_GRACE_S", 20, 1, 86400);
         let customer_grace = r.secs("DUET_CUSTOMER_GRACE_S", 300, 1, 7 * 86400);
         let ai_capacity: usize = r.parse("DUET_AI_CAPACITY", 50, "a number of sessions");
-        let llm_url = r.raw("DUET_LLM_URL").map(str::to_owned);
+        let providers = Providers {
+            stt: r.provider("STT", false),
+            llm: r.provider("LLM", false),
+            tts: r.provider("TTS", true),
+        };
+        let config_file = r.raw("DUET_CONFIG").map(std::path::PathBuf::from);
+        if let Some(path) = &config_file {
+            if let Err(e) = std::fs::read_to_string(path) {
+                r.problems.push(format!("DUET_CONFIG={}: cannot read it ({e})", path.display()));
+            }
+        }
         let outbox_frames: usize = r.parse("DUET_OUTBOX_FRAMES", 1024, "a number of frames");
         if !(16..=1_000_000).contains(&outbox_frames) {
             r.problems.push(format!("DUET_OUTBOX_FRAMES={outbox_frames} must be between 16 and 1000000"));
@@ -298,7 +365,8 @@ impl Config {
             agent_grace,
             customer_grace,
             ai_capacity,
-            llm_url,
+            providers,
+            config_file,
             outbox_frames,
             db_pool_size,
             db_writers,
@@ -368,6 +436,33 @@ mod tests {
         let all = e.to_string();
         for name in ["DUET_BIND", "DUET_HEARTBEAT_S", "DUET_QUEUE_ENABLED", "DUET_TRUSTED_PROXIES", "DUET_SQLITE_SYNC"] {
             assert!(all.contains(name), "{name} missing from {all}");
+        }
+    }
+
+    #[test]
+    fn providers_are_base_urls_ending_in_v1() {
+        let c = Config::from_vars(&vars(&[
+            ("DUET_LLM_URL", "http://127.0.0.1:9000/v1/"),
+            ("DUET_LLM_MODEL", "small"),
+            ("DUET_LLM_API_KEY", "sk-secret"),
+            ("DUET_TTS_URL", "https://api.example.com/v1"),
+            ("DUET_TTS_VOICE", "alloy"),
+        ]))
+        .expect("valid");
+        let llm = c.providers.llm.as_ref().expect("llm");
+        assert_eq!((llm.url.as_str(), llm.model.as_deref()), ("http://127.0.0.1:9000/v1", Some("small")));
+        assert_eq!(c.providers.tts.as_ref().and_then(|t| t.voice.as_deref()), Some("alloy"));
+        assert!(c.providers.stt.is_none());
+        assert!(!format!("{c:?}").contains("sk-secret"));
+        for (k, v) in [
+            ("DUET_LLM_URL", "http://127.0.0.1:9000"),
+            ("DUET_STT_URL", "ftp://x/v1"),
+            ("DUET_TTS_URL", "https:///v1"),
+            ("DUET_STT_MODEL", "whisper"),
+            ("DUET_CONFIG", "/nonexistent/duet.toml"),
+        ] {
+            let e = Config::from_vars(&vars(&[(k, v)])).expect_err(k);
+            assert!(e.to_string().contains(k), "{k}={v}: {e}");
         }
     }
 

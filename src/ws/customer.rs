@@ -57,7 +57,7 @@ impl CustomerRole {
         if self.session.as_ref().is_some_and(|(_, a)| a.connected()) {
             return Self::err(out, r, ActorError::Conflict("this connection is already in a session; leave it first"));
         }
-        if join.mode == Mode::Ai && self.app.config.llm_url.is_none() {
+        if join.mode == Mode::Ai && self.app.config.providers.llm.is_none() {
             return Self::err(out, r, ActorError::Unavailable {
                 message: "AI sessions are unavailable: no language model is configured (DUET_LLM_URL)",
                 retry_after_ms: 60_000,
