@@ -161,7 +161,7 @@ impl EventStore for MeteredStore {
 pub fn open_database(config: &Config) -> Result<Database, crate::storage::StorageError> {
     Database::open(
         &config.database_url,
-        DbOptions { pool_size: config.db_pool_size, connect_timeout: config.db_timeout, pg_writers: config.db_writers, sqlite_sync: config.sqlite_sync, ..DbOptions::default() },
+        DbOptions { pool_size: config.db_pool_size, connect_timeout: config.db_timeout, pg_writers: config.db_writers, sqlite_sync: config.sqlite_sync, sqlite_cache_kib: config.sqlite_cache_kib, ..DbOptions::default() },
     )
 }
 

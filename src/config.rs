@@ -111,6 +111,8 @@ pub struct Config {
     pub db_timeout: Duration,
     /// What a SQLite commit waits for before its ack (`DUET_SQLITE_SYNC`).
     pub sqlite_sync: SqliteSync,
+    /// Page cache per SQLite connection, KiB (`DUET_SQLITE_CACHE_KIB`).
+    pub sqlite_cache_kib: u32,
     pub admin_idle_ttl: Duration,
     pub admin_max_ttl: Duration,
     pub otp_ttl: Duration,
@@ -318,6 +320,10 @@ impl Config {
         }
         let db_timeout = Duration::from_millis(r.parse("DUET_DB_TIMEOUT_MS", 2000u64, "a number of milliseconds").clamp(100, 60_000));
         let sqlite_sync = r.parse("DUET_SQLITE_SYNC", SqliteSync::default(), "normal or full");
+        let sqlite_cache_kib: u32 = r.parse("DUET_SQLITE_CACHE_KIB", crate::storage::SQLITE_CACHE_KIB_DEFAULT, "a number of KiB");
+        if !(100..=4 * 1024 * 1024).contains(&sqlite_cache_kib) {
+            r.problems.push(format!("DUET_SQLITE_CACHE_KIB={sqlite_cache_kib} must be between 100 and 4194304"));
+        }
         let admin_idle_ttl = r.secs("DUET_ADMIN_IDLE_S", 1800, 60, 30 * 86400);
         let admin_max_ttl = r.secs("DUET_ADMIN_MAX_S", 12 * 3600, 60, 90 * 86400);
         let otp_ttl = r.secs("DUET_OTP_TTL_S", 300, 30, 3600);
@@ -372,6 +378,7 @@ impl Config {
             db_writers,
             db_timeout,
             sqlite_sync,
+            sqlite_cache_kib,
             admin_idle_ttl,
             admin_max_ttl,
             otp_ttl,
@@ -431,10 +438,11 @@ mod tests {
             ("DUET_QUEUE_ENABLED", "maybe"),
             ("DUET_TRUSTED_PROXIES", "10.0.0.0/33"),
             ("DUET_SQLITE_SYNC", "sometimes"),
+            ("DUET_SQLITE_CACHE_KIB", "5"),
         ]))
         .expect_err("invalid");
         let all = e.to_string();
-        for name in ["DUET_BIND", "DUET_HEARTBEAT_S", "DUET_QUEUE_ENABLED", "DUET_TRUSTED_PROXIES", "DUET_SQLITE_SYNC"] {
+        for name in ["DUET_BIND", "DUET_HEARTBEAT_S", "DUET_QUEUE_ENABLED", "DUET_TRUSTED_PROXIES", "DUET_SQLITE_SYNC", "DUET_SQLITE_CACHE_KIB"] {
             assert!(all.contains(name), "{name} missing from {all}");
         }
     }

@@ -155,11 +155,12 @@ fn with_default_params(url: &str, params: &[(&str, String)]) -> String {
 pub(crate) struct ConnManager {
     target: Target,
     sqlite_sync: SqliteSync,
+    sqlite_cache_kib: u32,
 }
 
 impl ConnManager {
-    pub(crate) fn new(target: Target, sqlite_sync: SqliteSync) -> ConnManager {
-        ConnManager { target, sqlite_sync }
+    pub(crate) fn new(target: Target, sqlite_sync: SqliteSync, sqlite_cache_kib: u32) -> ConnManager {
+        ConnManager { target, sqlite_sync, sqlite_cache_kib }
     }
 
     pub(crate) fn backend(&self) -> Backend {
@@ -202,9 +203,10 @@ impl ConnManager {
                 // bound when it restarts after a burst.
                 c.batch_execute(&format!(
                     "PRAGMA foreign_keys = ON; PRAGMA synchronous = {}; PRAGMA wal_autocheckpoint = 0; \
-                     PRAGMA journal_size_limit = {}",
+                     PRAGMA journal_size_limit = {}; PRAGMA cache_size = -{}",
                     self.sqlite_sync.pragma(),
-                    super::checkpoint::WAL_SIZE_LIMIT_BYTES
+                    super::checkpoint::WAL_SIZE_LIMIT_BYTES,
+                    self.sqlite_cache_kib
                 ))
                 .map_err(r2d2::Error::QueryError)?;
                 Ok(DbConn::Sqlite(c))

@@ -93,7 +93,15 @@ pub struct DbOptions {
     pub help_after: Duration,
     /// What a SQLite commit waits for before its ack.
     pub sqlite_sync: SqliteSync,
+    /// Page cache of each SQLite connection, KiB (`PRAGMA cache_size`).
+    pub sqlite_cache_kib: u32,
 }
+
+/// SQLite's own default page cache (2 000 KiB per connection). Enough for
+/// the idle waiting customers' pages; a node with some hundreds of active
+/// conversations touches two index leaves per conversation per commit and
+/// does better with more (BENCHMARKS.md: 16 MiB, 200 pairs at 10 000 msg/s).
+pub const SQLITE_CACHE_KIB_DEFAULT: u32 = 2000;
 
 impl Default for DbOptions {
     fn default() -> Self {
@@ -105,6 +113,7 @@ impl Default for DbOptions {
             pg_writers: 3,
             help_after: Duration::from_millis(1),
             sqlite_sync: SqliteSync::default(),
+            sqlite_cache_kib: SQLITE_CACHE_KIB_DEFAULT,
         }
     }
 }
@@ -175,7 +184,7 @@ impl Database {
     /// CLI, or inside `spawn_blocking`. Fails with `Unavailable` within about
     /// `connect_timeout` when the database cannot be reached.
     pub fn open(url: &str, opts: DbOptions) -> Result<Database, StorageError> {
-        let manager = ConnManager::new(Target::parse(url, opts.connect_timeout), opts.sqlite_sync);
+        let manager = ConnManager::new(Target::parse(url, opts.connect_timeout), opts.sqlite_sync, opts.sqlite_cache_kib);
         let backend = manager.backend();
         let ran = conn::prepare(&manager)?;
         if ran > 0 {

@@ -617,7 +617,9 @@ async fn sqlite_file_is_wal_at_the_configured_sync_level_and_pg_commits_synchron
         (Backend::Postgres, SqliteSync::default()),
     ];
     for (backend, sqlite_sync) in cases {
-        let t = TestDb::new(backend, DbOptions { sqlite_sync, ..DbOptions::default() });
+        // A cache size of our own per level, so the pragma is seen to be set.
+        let sqlite_cache_kib = 2000 + sqlite_sync as u32;
+        let t = TestDb::new(backend, DbOptions { sqlite_sync, sqlite_cache_kib, ..DbOptions::default() });
         assert_eq!(t.db.backend(), backend);
         let got =
             t.db.run(|c| {
@@ -636,6 +638,9 @@ async fn sqlite_file_is_wal_at_the_configured_sync_level_and_pg_commits_synchron
                         q("SELECT CAST(foreign_keys AS TEXT) AS value FROM pragma_foreign_keys")
                             .get_result::<Setting>(c)?
                             .value,
+                        q("SELECT CAST(cache_size AS TEXT) AS value FROM pragma_cache_size")
+                            .get_result::<Setting>(c)?
+                            .value,
                     ],
                     DbConn::Pg(c) => vec![
                         q("SELECT current_setting('synchronous_commit') AS value")
@@ -652,7 +657,8 @@ async fn sqlite_file_is_wal_at_the_configured_sync_level_and_pg_commits_synchron
                     SqliteSync::Normal => "1",
                     SqliteSync::Full => "2",
                 };
-                assert_eq!(got, vec!["wal", level, "5000", "1"], "{sqlite_sync:?}");
+                let cache = format!("-{sqlite_cache_kib}");
+                assert_eq!(got, vec!["wal", level, "5000", "1", cache.as_str()], "{sqlite_sync:?}");
                 assert!(std::path::Path::new(&t.url).exists());
             }
             Backend::Postgres => assert_eq!(got, vec!["on"]),
