@@ -8,6 +8,7 @@
 #   idle   N=${IDLE_N:-10000} waiting customers: server RSS per customer (0: skip)
 #   relay  ${PAIRS:-200} pairs x 10 msg/s for ${SECS:-30} s: latency, CPU per message
 #   probe  ${PAIRS:-200} pairs x 50 msg/s (10,000 msg/s offered)
+# RATES (default "10 50") picks the relay rates per pair, e.g. RATES=10 for A/B runs.
 # and appends one JSON line per run to ${OUT:-bench-results.jsonl}.
 # Stops exactly the processes it started.
 set -euo pipefail
@@ -21,6 +22,7 @@ SECS=${SECS:-30}
 OUT=${OUT:-$ROOT/bench-results.jsonl}
 PG_SERVER=${PG_SERVER:-postgres://postgres@127.0.0.1:5432}
 PORT=${PORT:-18180}
+read -r -a RATES <<<"${RATES:-10 50}"
 
 cargo build --release -p duet -p duet-loadgen >/dev/null
 # DUET_BIN: another duet build to measure (e.g. a baseline), same load generator.
@@ -77,7 +79,7 @@ for backend in "${BACKENDS[@]}"; do
         "$LG" idle --url "http://127.0.0.1:$PORT" --n "$IDLE_N" --hold 10 --pids "$DUET_PID" --label "$LABEL-$backend" --out "$OUT" >/dev/null
         stop_duet
     fi
-    for rate in 10 50; do
+    for rate in "${RATES[@]}"; do
         echo "== $backend: relay $PAIRS pairs x $rate msg/s"
         start_duet "$backend"
         tf=$(tokens "$PAIRS")
