@@ -80,3 +80,53 @@ async fn dashboard_is_pushed_on_change_at_most_four_times_a_second() {
     let me = served["agents"].as_array().and_then(|a| a.iter().find(|a| a["id"] == "dash")).expect("the agent");
     assert_eq!(me["status"], "busy");
 }
+
+/// Every field of PROTOCOL.md's dashboard example is there, with its type:
+/// a waiting customer, a served session with call stats, an agent serving
+/// and an agent free, and this node; `GET /api/queues` answers the same.
+#[tokio::test]
+async fn dashboard_has_every_field_of_the_contract() {
+    let app = TestApp::spawn().await;
+    let mut ann = app.agent("shape-ann").await;
+    let mut bob = app.agent("shape-bob").await;
+    let mut served = join(&app, "Served", "support").await;
+    let waiting = join(&app, "Waiting", "support").await;
+    assert_eq!(ann.request(json!({"type":"available"})).await["type"], "ack");
+    assert_eq!(ann.request(json!({"type":"take","session_id":served.session_id})).await["type"], "ack");
+    served.client.wait_type("assigned").await;
+    served.client.send(json!({"type":"stats","rtt_ms":80,"loss_pct":0.5,"jitter_ms":3})).await;
+    let d = bob
+        .wait_for("a dashboard with the stats", |v| {
+            v["type"] == "dashboard" && v["sessions"].as_array().is_some_and(|s| s.iter().any(|s| s["stats"]["rtt_ms"] == 80.0))
+        })
+        .await;
+    let is_str = |v: &serde_json::Value| v.as_str().is_some_and(|s| !s.is_empty());
+
+    let q = d["queues"].as_array().and_then(|q| q.iter().find(|q| q["topic"] == "support")).expect("the support queue");
+    assert!(q["eta_s"].is_u64() && q["longest_wait_s"].is_u64(), "{q}");
+    let w = &q["waiting"][0];
+    assert_eq!((w["session_id"].as_str(), w["name"].as_str(), w["position"].as_u64()), (Some(waiting.session_id.as_str()), Some("Waiting"), Some(1)), "{w}");
+    assert!(w["waiting_s"].is_u64(), "{w}");
+
+    let s = d["sessions"].as_array().and_then(|s| s.iter().find(|s| s["session_id"] == served.session_id.as_str())).expect("the session");
+    assert_eq!((s["customer"].as_str(), s["agent"].as_str(), s["topic"].as_str(), s["mode"].as_str()), (Some("Served"), Some("Agent shape-ann"), Some("support"), Some("human")), "{s}");
+    assert!(is_str(&s["node"]), "{s}");
+    let started = s["started_at"].as_str().expect("started_at");
+    assert!(started.len() >= 20 && started.as_bytes()[10] == b'T' && (started.ends_with('Z') || started.contains('+')), "RFC 3339: {started}");
+    assert_eq!((s["stats"]["rtt_ms"].as_f64(), s["stats"]["loss_pct"].as_f64()), (Some(80.0), Some(0.5)), "{s}");
+
+    let agent = |id: &str| d["agents"].as_array().and_then(|a| a.iter().find(|a| a["id"] == id)).cloned().expect("the agent");
+    let (a, b) = (agent("shape-ann"), agent("shape-bob"));
+    assert_eq!((a["name"].as_str(), a["status"].as_str(), a["session_id"].as_str()), (Some("Agent shape-ann"), Some("busy"), Some(served.session_id.as_str())), "{a}");
+    assert!(b["session_id"].is_null() && is_str(&b["status"]) && is_str(&b["node"]), "{b}");
+    assert_eq!(a["node"], b["node"]);
+
+    let n = d["nodes"].as_array().and_then(|n| n.iter().find(|n| n["id"] == a["node"])).expect("this node");
+    assert!(n["sessions"].as_u64().is_some_and(|c| c >= 1) && n["last_seen_s"].is_u64(), "{n}");
+
+    let token = app.admin_token("shape-http");
+    let http: serde_json::Value = app.get("/api/queues", Some(&token)).await.json().await.unwrap();
+    for k in ["queues", "sessions", "agents", "nodes"] {
+        assert!(http[k].is_array(), "GET /api/queues has {k}: {http}");
+    }
+}
