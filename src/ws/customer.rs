@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::Addr;
-use duet_actors::domain::{ClientRef, Mode, SessionId};
+use duet_actors::domain::{ClientRef, EventBody, Mode, SessionId};
 use duet_actors::error::{ActorError, RETRY_AFTER_MS};
 use duet_actors::outbound::{ConnHandle, Outbound};
 use duet_actors::registry::FindSession;
@@ -154,6 +154,14 @@ impl Role for CustomerRole {
     fn observe(&mut self, frame: &Outbound) {
         match frame {
             Outbound::Detached { session_id } if self.session.as_ref().is_some_and(|(s, _)| s == session_id) => {
+                self.session = None;
+            }
+            // The client may `join` again as soon as it reads `ended`: the
+            // socket lets go of the session here, before that frame leaves,
+            // not when `Detached` (pushed just after it) comes through.
+            Outbound::Event(e)
+                if matches!(e.body, EventBody::Ended { .. }) && self.session.as_ref().is_some_and(|(s, _)| *s == e.session_id) =>
+            {
                 self.session = None;
             }
             Outbound::Resumed { session_id } => {
