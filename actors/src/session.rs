@@ -336,6 +336,12 @@ impl SessionActor {
             Ok(()) => {
                 for p in batch {
                     self.last_committed = p.event.seq;
+                    if p.after == AfterCommit::Finish {
+                        // The agent is free before it can read `ended` or
+                        // its `end` ack: a `take` sent at once must not find
+                        // it still serving this session.
+                        self.release_agent();
+                    }
                     self.deliver(&p.event);
                     match p.after {
                         // `queue` comes right after `session`, before the ack.
@@ -411,13 +417,17 @@ impl SessionActor {
             };
             Ok::<_, crate::error::StoreError>((snap, missed))
         };
-        ctx.wait(fut.into_actor(self).map(|res, act, _ctx| {
+        ctx.wait(fut.into_actor(self).map(|res, act, ctx| {
             act.resyncing = false;
             let _g = act.span.clone().entered();
             match res {
                 Ok((Some(snap), missed)) => {
                     if snap.last_seq > act.last_committed {
                         warn!(stored = snap.last_seq, believed = act.last_committed, "a batch reported as failed was stored; catching up");
+                        let ends = matches!(snap.status, SessionStatus::Ended { .. }) && act.phase != Phase::Ended;
+                        if ends {
+                            act.release_agent();
+                        }
                         for e in &missed {
                             act.deliver(e);
                         }
@@ -426,6 +436,10 @@ impl SessionActor {
                             SessionStatus::Active { agent, .. } => Phase::Active { agent },
                             SessionStatus::Ended { .. } => Phase::Ended,
                         };
+                        if ends {
+                            // The stored `ended` stands: wind down as after its commit.
+                            act.finish(ctx);
+                        }
                     }
                     act.last_committed = snap.last_seq;
                     act.last_allocated = snap.last_seq;
@@ -579,6 +593,13 @@ impl SessionActor {
         self.append(EventBody::Ended { reason }, None, Some(change), replies, AfterCommit::Finish, ctx);
     }
 
+    /// Tells the serving agent's actor that this session has ended.
+    fn release_agent(&self) {
+        if let Some(addr) = self.agent.as_ref().and_then(|l| l.addr.as_ref()) {
+            addr.do_send(ServedSessionEnded { session_id: self.record.id.clone() });
+        }
+    }
+
     fn finish(&mut self, ctx: &mut Context<Self>) {
         info!("session ended");
         // Handle time counts from the assignment (`started_at_ms` is reset then).
@@ -588,11 +609,6 @@ impl SessionActor {
             topic: self.record.topic.clone(),
             handle_ms,
         });
-        if let Some(link) = &self.agent {
-            if let Some(addr) = &link.addr {
-                addr.do_send(ServedSessionEnded { session_id: self.record.id.clone() });
-            }
-        }
         if let Some(c) = &self.customer {
             c.push(Outbound::Detached { session_id: self.record.id.clone() });
         }

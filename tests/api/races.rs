@@ -195,3 +195,29 @@ async fn an_agent_cannot_act_in_a_session_it_does_not_serve() {
     assert_eq!(mine["type"], "ack", "{mine}");
     one.client.wait_for("message", |v| v["type"] == "message" && v["text"] == "mine").await;
 }
+
+/// An agent is free the moment it reads `ended`, whoever ended the
+/// session: a `take` sent at once gets the next customer, round after round.
+#[tokio::test]
+async fn an_agent_that_reads_ended_takes_the_next_customer_at_once() {
+    let app = TestApp::spawn().await;
+    let mut agent = app.agent("quick-ann").await;
+    assert_eq!(agent.request(json!({"type":"available"})).await["type"], "ack");
+    let mut served = join(&app, "First", "quick").await;
+    assert_eq!(agent.request(json!({"type":"take","topic":"quick"})).await["type"], "ack");
+    for round in 0..20 {
+        let next = join(&app, &format!("Next {round}"), "quick").await;
+        let sid = served.session_id.clone();
+        // Odd rounds the customer leaves, even rounds the agent ends.
+        if round % 2 == 1 {
+            assert_eq!(served.client.request(json!({"type":"leave"})).await["type"], "ack");
+            agent.wait_for("ended", |v| v["type"] == "ended" && v["session_id"] == sid.as_str()).await;
+        } else {
+            assert_eq!(agent.request(json!({"type":"end","session_id":sid})).await["type"], "ack");
+        }
+        let t = agent.request(json!({"type":"take","topic":"quick"})).await;
+        assert_eq!((t["type"].as_str(), t["session_id"].as_str()), (Some("ack"), Some(next.session_id.as_str())), "round {round}: {t}");
+        agent.buffered.clear();
+        served = next;
+    }
+}
