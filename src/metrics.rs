@@ -194,6 +194,34 @@ impl Metrics {
     }
 }
 
+/// The OpenMetrics text `render` writes, as Prometheus's classic text
+/// format (`text/plain; version=0.0.4`) for scrapers that do not ask for
+/// OpenMetrics: a counter's `# HELP`/`# TYPE` name its `_total` samples,
+/// and there is no `# UNIT` or `# EOF` line. Everything else is the same.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "].into_iter().find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if counters.contains(name) { "_total" } else { "" };
+                out.push_str(&format!("{prefix}{name}{suffix} {tail}"));
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
@@ -218,5 +246,21 @@ mod tests {
         assert!(text.contains("duet_events_stored_total 1"), "{text}");
         assert!(text.contains("duet_queue_waiting{topic=\"support\"} 3"), "{text}");
         assert!(text.trim_end().ends_with("# EOF"));
+    }
+}
+
+#[cfg(test)]
+mod text_format_tests {
+    use super::to_prometheus_text;
+
+    #[test]
+    fn counters_are_named_by_their_samples_and_openmetrics_lines_go() {
+        let om = "# HELP duet_frames_in Client frames received.\n# TYPE duet_frames_in counter\nduet_frames_in_total 3\n\
+                  # HELP duet_active Live sessions.\n# TYPE duet_active gauge\nduet_active 2\n# UNIT duet_active sessions\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP duet_frames_in_total Client frames received.\n# TYPE duet_frames_in_total counter\nduet_frames_in_total 3\n\
+             # HELP duet_active Live sessions.\n# TYPE duet_active gauge\nduet_active 2\n"
+        );
     }
 }

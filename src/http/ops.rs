@@ -49,7 +49,17 @@ pub async fn metrics(req: HttpRequest, state: web::Data<AppState>) -> Result<Htt
         }
     }
     let stats = state.deps.registry.send(GetStats).await.map_err(|_| HttpError::Internal)?;
-    Ok(HttpResponse::Ok()
-        .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
-        .body(state.metrics.render(&stats, &state.db.stats())))
+    let body = state.metrics.render(&stats, &state.db.stats());
+    // OpenMetrics to a scraper that asks for it (Prometheus does), the
+    // classic text format to everyone else (curl, older tools).
+    let openmetrics = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    Ok(if openmetrics {
+        HttpResponse::Ok().content_type("application/openmetrics-text; version=1.0.0; charset=utf-8").body(body)
+    } else {
+        HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(crate::metrics::to_prometheus_text(&body))
+    })
 }

@@ -369,8 +369,15 @@ async fn metrics_are_open_without_a_token() {
     let app = TestApp::spawn().await;
     let r = app.get("/metrics", None).await;
     assert_eq!(r.status(), 200);
+    let kind = r.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    assert!(kind.starts_with("text/plain") && kind.contains("version=0.0.4"), "Prometheus text format: {kind}");
     let text = r.text().await.unwrap();
-    assert!(text.contains("# TYPE") || text.contains("# HELP"), "Prometheus text: {text:.200}");
+    assert!(text.contains("# TYPE duet_events_stored_total counter") && !text.contains("# EOF"), "Prometheus text: {text:.300}");
+    // A scraper that asks for OpenMetrics gets it.
+    let r = app.http.get(format!("{}/metrics", app.base)).header("accept", "application/openmetrics-text; version=1.0.0").send().await.unwrap();
+    let kind = r.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    assert!(kind.starts_with("application/openmetrics-text"), "{kind}");
+    assert!(r.text().await.unwrap().trim_end().ends_with("# EOF"));
 }
 
 #[tokio::test]
