@@ -150,12 +150,16 @@ impl<'a> Frame<'a> {
 
     fn topic(&self) -> Result<Arc<str>, DecodeError> {
         let t = self.string("topic", self.inc.topic)?;
+        // Any name a team gives its queues (`billing:vip`, `Support DE`
+        // without the space, `ventes`), counted in code points like `name`;
+        // no white space or control characters, which dashboards and
+        // metric labels would show badly.
         let ok = !t.is_empty()
-            && t.len() <= TOPIC_MAX
-            && t.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            && t.chars().count() <= TOPIC_MAX
+            && !t.chars().any(|c| c.is_whitespace() || c.is_control());
         if !ok {
             return Err(self.fail(format!(
-                "`topic` must be 1 to {TOPIC_MAX} characters of letters, digits, `-`, `_` or `.`"
+                "`topic` must be 1 to {TOPIC_MAX} characters, without spaces or control characters"
             )));
         }
         Ok(Arc::from(t.as_ref()))
@@ -383,6 +387,11 @@ mod tests {
         assert!(err(r#"{"type":"say","text":5,"ref":1}"#).message.contains("string"));
         assert!(err(r#"{"type":"typing","on":"yes"}"#).message.contains("boolean"));
         assert!(err(r#"{"type":"join","name":"a","topic":"no spaces"}"#).message.contains("topic"));
+        assert!(err(r#"{"type":"join","name":"a","topic":""}"#).message.contains("topic"));
+        assert!(err(&format!(r#"{{"type":"join","name":"a","topic":"{}"}}"#, "é".repeat(TOPIC_MAX + 1))).message.contains("topic"));
+        for topic in ["billing:vip", "ventes-é", "Support_DE.2", &"é".repeat(TOPIC_MAX)] {
+            assert!(customer_frame(&format!(r#"{{"type":"join","name":"a","topic":"{topic}"}}"#)).is_ok(), "{topic}");
+        }
         assert!(err(r#"{"type":"join","name":"a","topic":"t","mode":"robot"}"#).message.contains("mode"));
         assert!(err(r#"{"type":"resume","session_id":"s","resume_token":"t","last_seq":-1}"#).message.contains("last_seq"));
         assert!(err(r#"{"type":"rtc","kind":"offer","data":[1],"ref":1}"#).message.contains("object"));
