@@ -12,6 +12,7 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::middleware::{from_fn, DefaultHeaders, Next};
 use actix_web::{web, HttpResponse};
+use tracing::Instrument;
 
 use crate::app::AppState;
 use error::HttpError;
@@ -45,6 +46,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                     .add(("Permissions-Policy", "camera=(), geolocation=(), microphone=(self)")),
             )
             .wrap(from_fn(cors))
+            .wrap(from_fn(request_span))
             .route("/health", web::get().to(ops::health))
             .route("/ready", web::get().to(ops::ready))
             .route("/metrics", web::get().to(ops::metrics))
@@ -62,6 +64,37 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .default_service(web::to(|| async { Err::<HttpResponse, _>(HttpError::NotFound("no such route")) })),
     );
 }
+
+/// Every request runs in a span with its request id (the client's
+/// `X-Request-Id` when it sends a sane one, else a fresh one), which the
+/// answer carries back: what the handler logs (logins, audit, failures) can
+/// be tied to the request a user reports.
+async fn request_span(req: ServiceRequest, next: Next<impl MessageBody + 'static>) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let id = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    let span = tracing::info_span!("http", request_id = %id, method = %req.method(), path = %req.path());
+    let started = std::time::Instant::now();
+    let mut res = next.call(req).instrument(span.clone()).await?;
+    let (status, ms) = (res.status().as_u16(), started.elapsed().as_secs_f64() * 1e3);
+    span.in_scope(|| {
+        if status >= 500 {
+            tracing::warn!(status, ms, "request failed");
+        } else {
+            tracing::debug!(status, ms, "request");
+        }
+    });
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        res.headers_mut().insert(header::HeaderName::from_static(REQUEST_ID), v);
+    }
+    Ok(res)
+}
+
+const REQUEST_ID: &str = "x-request-id";
 
 async fn not_an_upgrade() -> Result<HttpResponse, HttpError> {
     Err(HttpError::BadRequest("this path takes a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket)".to_owned()))

@@ -462,3 +462,18 @@ async fn a_team_behind_one_address_signs_in_and_the_per_admin_floor_holds() {
     assert_error(&body, "rate_limited");
     assert!(retry.is_some(), "429 carries Retry-After");
 }
+
+/// Every answer names its request: a fresh id, or the client's own.
+#[tokio::test]
+async fn answers_carry_a_request_id() {
+    let app = TestApp::spawn().await;
+    let id_of = |r: &reqwest::Response| r.headers().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let a = app.get("/health", None).await;
+    let b = app.get("/no-such-page", None).await;
+    let (a, b) = (id_of(&a).expect("an id"), id_of(&b).expect("an id on errors too"));
+    assert!(a.len() >= 16 && a != b, "{a} {b}");
+    let r = app.http.get(format!("{}/ready", app.base)).header("x-request-id", "trace-7f3a").send().await.unwrap();
+    assert_eq!(id_of(&r).as_deref(), Some("trace-7f3a"), "the client's id is kept");
+    let r = app.http.get(format!("{}/ready", app.base)).header("x-request-id", "a b").send().await.unwrap();
+    assert_ne!(id_of(&r).as_deref(), Some("a b"), "an id with a space is replaced");
+}
