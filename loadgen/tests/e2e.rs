@@ -130,11 +130,12 @@ fn idle_small() {
 
 #[test]
 fn idle_counts_refused_connections() {
-    // a port nobody listens on: bind one, note it, free it
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    // A port nobody listens on and nobody else can take while the test
+    // runs: bound, never listening (freeing a port let a parallel test's
+    // server take it, and its connections were reset, not refused).
+    let held = tokio::net::TcpSocket::new_v4().expect("a socket");
+    held.bind("127.0.0.1:0".parse().expect("an address")).expect("a free port");
+    let port = held.local_addr().expect("its address").port();
     let url = format!("http://127.0.0.1:{port}");
     let (ok, r, out, err) = loadgen(&[
         "idle",
@@ -150,6 +151,7 @@ fn idle_counts_refused_connections() {
     assert!(ok, "{out}{err}");
     assert_eq!(u(&r, "joined"), 0);
     assert_eq!(r["failures"]["connect:refused"], 5, "{r}");
+    drop(held);
 }
 
 fn relay_ok(r: &Value) {

@@ -150,16 +150,16 @@ impl<'a> Frame<'a> {
 
     fn topic(&self) -> Result<Arc<str>, DecodeError> {
         let t = self.string("topic", self.inc.topic)?;
-        // Any name a team gives its queues (`billing:vip`, `Support DE`
-        // without the space, `ventes`), counted in code points like `name`;
-        // no white space or control characters, which dashboards and
-        // metric labels would show badly.
+        // Any name a team gives its queues (`billing:vip`, `ventes-é`),
+        // counted in code points like `name`; no white space or control
+        // characters, which dashboards and metric labels would show badly,
+        // and no `/`, so a topic stays one segment of a URL path.
         let ok = !t.is_empty()
             && t.chars().count() <= TOPIC_MAX
-            && !t.chars().any(|c| c.is_whitespace() || c.is_control());
+            && !t.chars().any(|c| c.is_whitespace() || c.is_control() || c == '/');
         if !ok {
             return Err(self.fail(format!(
-                "`topic` must be 1 to {TOPIC_MAX} characters, without spaces or control characters"
+                "`topic` must be 1 to {TOPIC_MAX} characters, without spaces, control characters or `/`"
             )));
         }
         Ok(Arc::from(t.as_ref()))
