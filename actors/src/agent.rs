@@ -12,7 +12,7 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 use tracing::info;
 
-use crate::domain::{now_ms, AgentInfo, ClientRef, SessionId, Seq};
+use crate::domain::{AgentInfo, ClientRef, SessionId, Seq};
 use crate::error::ActorError;
 use crate::outbound::{ConnHandle, Outbound, CLOSE_SUPERSEDED};
 use crate::registry::{AgentChanged, AgentGone, FindSession, TakeFromQueue};
@@ -94,8 +94,7 @@ impl AgentActor {
         conn.push(frame);
     }
 
-    fn take(&mut self, conn: ConnHandle, target: TakeTarget, client_ref: Option<ClientRef>, ctx: &mut Context<Self>) {
-        let asked_at_ms = now_ms();
+    fn take(&mut self, conn: ConnHandle, target: TakeTarget, client_ref: Option<ClientRef>, asked_at_ms: i64, ctx: &mut Context<Self>) {
         if self.serving.is_some() {
             self.reply(&conn, client_ref, Err(ActorError::Conflict("you already serve a customer; end that session first")));
             return;
@@ -199,6 +198,9 @@ impl Actor for AgentActor {
 pub struct FromAgentConn {
     pub conn: ConnHandle,
     pub req: AgentRequest,
+    /// When the socket read the frame (ms, wall clock): a `take` that finds
+    /// the queue empty lost a race only if it was asked before the last take.
+    pub received_at_ms: i64,
 }
 
 impl Handler<FromAgentConn> for AgentActor {
@@ -206,7 +208,7 @@ impl Handler<FromAgentConn> for AgentActor {
 
     fn handle(&mut self, msg: FromAgentConn, ctx: &mut Context<Self>) {
         let _g = self.span.clone().entered();
-        let FromAgentConn { conn, req } = msg;
+        let FromAgentConn { conn, req, received_at_ms } = msg;
         if !self.conn.as_ref().is_some_and(|c| c.same(&conn)) {
             // A superseded connection's late frames carry no authority.
             return;
@@ -222,7 +224,7 @@ impl Handler<FromAgentConn> for AgentActor {
                 self.reply(&conn, client_ref, Ok((None, None)));
                 self.report(ctx);
             }
-            AgentRequest::Take { target, client_ref } => self.take(conn, target, client_ref, ctx),
+            AgentRequest::Take { target, client_ref } => self.take(conn, target, client_ref, received_at_ms, ctx),
             AgentRequest::Resume { session_id, last_seq, client_ref } => {
                 self.resume(conn, session_id, last_seq, client_ref, ctx)
             }

@@ -123,10 +123,10 @@ pub enum TakeNext {
 }
 
 /// A take asked for at most this long after the topic's last take still
-/// lost a race to it: frames of two agents pressing "take" together reach
-/// their actors some milliseconds apart on a loaded machine. A take asked
-/// later found the queue empty.
-pub const TAKE_RACE_SLACK_MS: i64 = 50;
+/// lost a race to it: frames of two agents pressing "take" together are
+/// read some milliseconds apart on a loaded machine. A take asked later
+/// found the queue empty.
+pub const TAKE_RACE_SLACK_MS: i64 = 100;
 
 /// FIFO queues per topic. Every operation is atomic: two takers never both
 /// get the same entry, whichever node they are on.

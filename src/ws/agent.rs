@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use actix::Addr;
 use duet_actors::agent::{AgentConnClosed, AgentRequest, FromAgentConn};
-use duet_actors::domain::ClientRef;
+use duet_actors::domain::{now_ms, ClientRef};
 use duet_actors::error::ActorError;
 use duet_actors::outbound::{ConnHandle, Outbound};
 use duet_actors::AgentActor;
@@ -52,7 +52,7 @@ impl Role for AgentRole {
                     self.handle.push(Outbound::Close { code: 1011, reason: "agent state restarting; reconnect" });
                     return;
                 }
-                self.agent.do_send(FromAgentConn { conn: self.handle.clone(), req });
+                self.agent.do_send(FromAgentConn { conn: self.handle.clone(), req, received_at_ms: now_ms() });
             }
         }
     }
