@@ -99,7 +99,12 @@ impl CustomerRole {
 
     fn in_session(&mut self, cmd: CustomerCmd, out: &mut Vec<String>) {
         let r = cmd.client_ref();
-        match &self.session {
+        // A client may send right after `resume` without waiting for
+        // `resumed` (re-sending what was not acked): those frames go to the
+        // session being resumed, whose mailbox holds them behind the attach
+        // and its replay, so they are handled in the order sent (and refused
+        // there if the resume is).
+        match self.resuming.as_ref().or(self.session.as_ref()) {
             Some((_, addr)) if addr.connected() => {
                 if let (CustomerCmd::Say { .. }, Some(r)) = (&cmd, &r) {
                     if self.sent.len() == SENT_TRACKED {
@@ -114,6 +119,7 @@ impl CustomerRole {
                 // Storage holds its truth: the client resumes and carries on.
                 tracing::error!(conn_id = self.handle.conn_id, "session actor is gone; asking the client to resume");
                 self.session = None;
+                self.resuming = None;
                 if r.is_some() {
                     Self::err(out, r.as_ref(), ActorError::Unavailable { message: "session restarting; resume", retry_after_ms: 100 });
                 }

@@ -315,6 +315,58 @@ async fn resent_refs_after_resume_are_acked_with_their_seq_and_stored_once() {
     assert_eq!(texts, ["x-1", "x-2", "x-3", "x-4"], "live to the agent once each");
 }
 
+/// A client that re-sends right after `resume`, without waiting for
+/// `resumed`, is served in the order it sent: `resumed`, the replay, then
+/// the acks (the acked ref with its old seq, the new one next). A frame
+/// pipelined behind a refused resume is refused too, not taken elsewhere.
+#[tokio::test]
+async fn frames_sent_right_behind_a_resume_are_handled_after_it() {
+    let app = TestApp::spawn().await;
+    let Served { cust, .. } = served(&app, "pip", "Pipe").await;
+    let Joined { client: mut c0, session_id: sid, resume_token: token, .. } = cust;
+    let s1 = say(&mut c0, "p-1", "p1").await;
+    c0.drop_connection();
+
+    let mut c1 = app.customer().await;
+    c1.send_all(&[
+        json!({"type":"resume","session_id":sid,"resume_token":token,"last_seq":0,"ref":"r"}),
+        json!({"type":"say","text":"p-1","ref":"p1"}),
+        json!({"type":"say","text":"p-2","ref":"p2"}),
+    ])
+    .await;
+    let mut order = Vec::new();
+    while !order.iter().any(|v: &Value| v["ref"] == "p2") {
+        let v = c1.recv().await;
+        if v["type"] != "dashboard" && v["type"] != "queue" {
+            order.push(v);
+        }
+    }
+    let kinds: Vec<String> = order.iter().map(|v| format!("{}{}", v["type"].as_str().unwrap_or("?"), v["ref"].as_str().map(|r| format!(":{r}")).unwrap_or_default())).collect();
+    assert_eq!(kinds.first().map(String::as_str), Some("resumed"), "{kinds:?}");
+    let acks: Vec<&Value> = order.iter().filter(|v| v["ref"] == "p1" || v["ref"] == "p2").collect();
+    assert!(acks.iter().all(|a| a["type"] == "ack"), "{kinds:?} {acks:?}");
+    assert_eq!(seq_of(acks[0]), s1, "the acked ref keeps its seq");
+    assert_eq!(seq_of(acks[1]), s1 + 1, "the new one is next");
+    let replayed = order.iter().filter(|v| v["seq"].is_i64() && v["type"] != "ack").count() as i64;
+    let before_acks = order.iter().position(|v| v["ref"] == "p1").expect("p1 answered");
+    assert_eq!(replayed, s1, "seqs 1..={s1} replayed once: {kinds:?}");
+    assert!(order[..before_acks].iter().filter(|v| v["seq"].is_i64() && v["type"] != "ack").count() as i64 == s1, "the replay comes before the acks: {kinds:?}");
+
+    // Behind a wrong token: the say is refused, nothing is stored.
+    let mut thief = app.customer().await;
+    thief
+        .send_all(&[
+            json!({"type":"resume","session_id":sid,"resume_token":"wrong","last_seq":0,"ref":"t"}),
+            json!({"type":"say","text":"stolen","ref":"t2"}),
+        ])
+        .await;
+    assert_eq!(thief.reply(json!("t")).await["code"], "unauthorized");
+    assert_eq!(thief.reply(json!("t2")).await["type"], "error");
+    let stored = all_events(&app, &sid, &token).await;
+    assert_contiguous(&sid, &stored);
+    assert_eq!((count_text(&stored, "p-1"), count_text(&stored, "p-2"), count_text(&stored, "stolen")), (1, 1, 0));
+}
+
 // ---- refusals ----------------------------------------------------------------------
 
 #[tokio::test]

@@ -315,6 +315,15 @@ impl Client {
         self.send_raw(&v.to_string()).await;
     }
 
+    /// Sends several frames with one flush, so they arrive together (as a
+    /// client that pipelines would send them).
+    pub async fn send_all(&mut self, vs: &[Value]) {
+        for v in vs {
+            self.ws.feed(Message::Text(v.to_string().into())).await.expect("feed");
+        }
+        self.ws.flush().await.expect("flush");
+    }
+
     /// Sends `v` with a fresh integer `ref`, returns the ref.
     pub async fn send_ref(&mut self, mut v: Value) -> u64 {
         let r = self.next_ref;
