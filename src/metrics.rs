@@ -213,7 +213,7 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
             Some((prefix, rest)) => {
                 let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
                 let suffix = if counters.contains(name) { "_total" } else { "" };
-                out.push_str(&format!("{prefix}{name}{suffix} {tail}"));
+                out.extend([prefix, name, suffix, " ", tail]);
             }
             None => out.push_str(line),
         }

@@ -16,10 +16,30 @@ use crate::ports::{PortFuture, QueueEntry, QueueStore, TakeNext, TakeOutcome, To
 
 #[derive(Default)]
 pub struct MemoryQueue {
-    topics: Mutex<HashMap<Arc<str>, VecDeque<QueueEntry>>>,
-    /// When each topic last had a customer taken (ms, wall clock; written
-    /// under the `topics` lock: taken and recorded in one critical section).
-    last_taken: Mutex<HashMap<Arc<str>, i64>>,
+    queues: Mutex<Queues>,
+}
+
+#[derive(Default)]
+struct Queues {
+    waiting: HashMap<Arc<str>, VecDeque<QueueEntry>>,
+    /// When each topic last had a customer taken (ms, wall clock): a take
+    /// that finds the topic empty compares its own instant with it.
+    last_taken_ms: HashMap<Arc<str>, i64>,
+}
+
+impl Queues {
+    /// Takes `session_id` out of `topic`'s queue, if it waits there.
+    fn remove(&mut self, topic: &str, session_id: &SessionId) -> Option<QueueEntry> {
+        let q = self.waiting.get_mut(topic)?;
+        let i = q.iter().position(|e| &e.session_id == session_id)?;
+        q.remove(i)
+    }
+
+    /// An agent took `e`: noted for the takes that find its topic empty.
+    fn taken(&mut self, e: QueueEntry) -> QueueEntry {
+        self.last_taken_ms.insert(e.topic.clone(), now_ms());
+        e
+    }
 }
 
 impl MemoryQueue {
@@ -34,8 +54,8 @@ fn done<T: Send + 'static>(v: T) -> PortFuture<T> {
 
 impl QueueStore for MemoryQueue {
     fn push_back(&self, entry: QueueEntry) -> PortFuture<(usize, usize)> {
-        let mut topics = self.topics.lock();
-        let q = topics.entry(entry.topic.clone()).or_default();
+        let mut queues = self.queues.lock();
+        let q = queues.waiting.entry(entry.topic.clone()).or_default();
         // Idempotent: a session already waiting keeps its place.
         if let Some(i) = q.iter().position(|e| e.session_id == entry.session_id) {
             return done((i + 1, q.len()));
@@ -45,56 +65,38 @@ impl QueueStore for MemoryQueue {
     }
 
     fn push_front(&self, entry: QueueEntry) -> PortFuture<usize> {
-        let mut topics = self.topics.lock();
-        let q = topics.entry(entry.topic.clone()).or_default();
+        let mut queues = self.queues.lock();
+        let q = queues.waiting.entry(entry.topic.clone()).or_default();
         q.retain(|e| e.session_id != entry.session_id);
         q.push_front(entry);
         done(q.len())
     }
 
     fn take_next(&self, topic: &str, asked_at_ms: i64) -> PortFuture<TakeNext> {
-        let mut topics = self.topics.lock();
-        let mut last_taken = self.last_taken.lock();
-        done(match topics.get_mut(topic).and_then(VecDeque::pop_front) {
-            Some(e) => {
-                last_taken.insert(e.topic.clone(), now_ms());
-                TakeNext::Taken(e)
-            }
-            None if last_taken.get(topic).is_some_and(|&t| asked_at_ms <= t + TAKE_RACE_SLACK_MS) => TakeNext::JustTaken,
+        let mut queues = self.queues.lock();
+        done(match queues.waiting.get_mut(topic).and_then(VecDeque::pop_front) {
+            Some(e) => TakeNext::Taken(queues.taken(e)),
+            None if queues.last_taken_ms.get(topic).is_some_and(|&t| asked_at_ms <= t + TAKE_RACE_SLACK_MS) => TakeNext::JustTaken,
             None => TakeNext::Empty,
         })
     }
 
     fn take(&self, topic: &str, session_id: &SessionId) -> PortFuture<TakeOutcome> {
-        let mut topics = self.topics.lock();
-        let taken = topics.get_mut(topic).and_then(|q| {
-            let i = q.iter().position(|e| &e.session_id == session_id)?;
-            q.remove(i)
-        });
-        done(match taken {
-            Some(e) => {
-                self.last_taken.lock().insert(e.topic.clone(), now_ms());
-                TakeOutcome::Taken(e)
-            }
+        let mut queues = self.queues.lock();
+        done(match queues.remove(topic, session_id) {
+            Some(e) => TakeOutcome::Taken(queues.taken(e)),
             None => TakeOutcome::NotWaiting,
         })
     }
 
     fn remove(&self, topic: &str, session_id: &SessionId) -> PortFuture<bool> {
-        let mut topics = self.topics.lock();
-        let removed = topics
-            .get_mut(topic)
-            .and_then(|q| {
-                let i = q.iter().position(|e| &e.session_id == session_id)?;
-                q.remove(i)
-            })
-            .is_some();
-        done(removed)
+        done(self.queues.lock().remove(topic, session_id).is_some())
     }
 
     fn snapshot(&self) -> PortFuture<Vec<TopicQueue>> {
-        let topics = self.topics.lock();
-        let mut all: Vec<TopicQueue> = topics
+        let queues = self.queues.lock();
+        let mut all: Vec<TopicQueue> = queues
+            .waiting
             .iter()
             .map(|(t, q)| TopicQueue { topic: t.clone(), waiting: q.iter().cloned().collect() })
             .collect();
@@ -103,8 +105,8 @@ impl QueueStore for MemoryQueue {
     }
 
     fn topic_snapshot(&self, topic: &str) -> PortFuture<TopicQueue> {
-        let topics = self.topics.lock();
-        let waiting = topics.get(topic).map(|q| q.iter().cloned().collect()).unwrap_or_default();
+        let queues = self.queues.lock();
+        let waiting = queues.waiting.get(topic).map(|q| q.iter().cloned().collect()).unwrap_or_default();
         done(TopicQueue { topic: Arc::from(topic), waiting })
     }
 }

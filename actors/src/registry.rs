@@ -17,7 +17,7 @@ use crate::agent::{AgentActor, AttachAgentConn, PushDashboard, TakeTarget};
 use crate::domain::{now_ms, AgentId, AgentInfo, SessionId};
 use crate::error::ActorError;
 use crate::outbound::{ConnHandle, Outbound};
-use crate::ports::{QueueStore, SessionStatus, TakeNext, TakeOutcome, TopicQueue};
+use crate::ports::{QueueStore, SessionSnapshot, SessionStatus, TakeNext, TakeOutcome, TopicQueue};
 use crate::session::{QueuePosition, SessionActor};
 use crate::settings::{Deps, Settings};
 use crate::views::{AgentStatus, AgentView, Dashboard, NodeView, QueueView, SessionView, WaitingView};
@@ -410,6 +410,13 @@ impl Handler<AgentGone> for RegistryActor {
     }
 }
 
+/// The answer to taking a session that has ended.
+const TAKE_ENDED: ActorError = ActorError::NotFound("that session has ended");
+
+fn has_ended(s: &SessionSnapshot) -> bool {
+    matches!(s.status, SessionStatus::Ended { .. })
+}
+
 /// Takes a customer out of the queue for an agent. Exactly one taker wins a
 /// given customer; the queue store's atomic take decides.
 #[derive(Message)]
@@ -441,9 +448,7 @@ impl Handler<TakeFromQueue> for RegistryActor {
                     let topic = match known_topic {
                         Some(t) => t,
                         None => match store.load_session(&id).await? {
-                            Some(s) if matches!(s.status, SessionStatus::Ended { .. }) => {
-                                return Ok(Err(ActorError::NotFound("that session has ended")))
-                            }
+                            Some(s) if has_ended(&s) => return Ok(Err(TAKE_ENDED)),
                             Some(s) => s.record.topic,
                             None => return Ok(Err(ActorError::NotFound("no such session"))),
                         },
@@ -453,9 +458,7 @@ impl Handler<TakeFromQueue> for RegistryActor {
                         // Not waiting: taken by another agent, unless it
                         // ended (it lingers in the registry a while).
                         TakeOutcome::NotWaiting => match store.load_session(&id).await? {
-                            Some(s) if matches!(s.status, SessionStatus::Ended { .. }) => {
-                                Ok(Err(ActorError::NotFound("that session has ended")))
-                            }
+                            Some(s) if has_ended(&s) => Ok(Err(TAKE_ENDED)),
                             _ => Ok(Err(ActorError::Conflict("another agent has taken this customer"))),
                         },
                     }
