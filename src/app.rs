@@ -36,6 +36,9 @@ pub struct AppState {
     pub notifier: Box<dyn Notifier>,
     /// Every open socket, so a shutdown can tell each one to reconnect.
     pub conns: parking_lot::Mutex<std::collections::HashMap<u64, duet_actors::outbound::ConnHandle>>,
+    /// The admin session (token hash) of each open `/admin/ws` socket, so a
+    /// logout closes the sockets it signed in.
+    pub admin_conns: parking_lot::Mutex<std::collections::HashMap<u64, Arc<str>>>,
     db_ok: AtomicBool,
 }
 
@@ -198,6 +201,7 @@ pub async fn build_state(config: Config, db: Database) -> anyhow::Result<Arc<App
         limits,
         notifier,
         conns: parking_lot::Mutex::new(std::collections::HashMap::new()),
+        admin_conns: parking_lot::Mutex::new(std::collections::HashMap::new()),
         db_ok: AtomicBool::new(true),
     });
     spawn_housekeeping(state.clone());

@@ -115,6 +115,9 @@ pub struct Config {
     pub sqlite_cache_kib: u32,
     pub admin_idle_ttl: Duration,
     pub admin_max_ttl: Duration,
+    /// How often an open `/admin/ws` socket checks that its admin session
+    /// is still valid (revoked on another node, expired, admin disabled).
+    pub admin_recheck: Duration,
     pub otp_ttl: Duration,
     pub log_format: LogFormat,
     pub workers: usize,
@@ -326,6 +329,7 @@ impl Config {
         }
         let admin_idle_ttl = r.secs("DUET_ADMIN_IDLE_S", 1800, 60, 30 * 86400);
         let admin_max_ttl = r.secs("DUET_ADMIN_MAX_S", 12 * 3600, 60, 90 * 86400);
+        let admin_recheck = r.secs("DUET_ADMIN_RECHECK_S", 15, 1, 3600);
         let otp_ttl = r.secs("DUET_OTP_TTL_S", 300, 30, 3600);
         let log_format = match r.raw("DUET_LOG_FORMAT").map(str::to_ascii_lowercase).as_deref() {
             None => if env == Env::Production { LogFormat::Json } else { LogFormat::Text },
@@ -381,6 +385,7 @@ impl Config {
             sqlite_cache_kib,
             admin_idle_ttl,
             admin_max_ttl,
+            admin_recheck,
             otp_ttl,
             log_format,
             workers: workers.clamp(1, 256),

@@ -6,6 +6,7 @@
 //! duet migrate                  run the database migrations and exit
 //! duet admin add <id> --name N  add (or rename) an admin
 //! duet admin token <id>         print a fresh admin bearer token
+//! duet admin disable <id>       disable an admin and revoke their logins
 //! ```
 
 mod app;
@@ -27,9 +28,10 @@ enum Command {
     Migrate,
     AdminAdd { id: String, name: String },
     AdminToken { id: String },
+    AdminDisable { id: String },
 }
 
-const USAGE: &str = "usage: duet [migrate | admin add <id> --name <name> | admin token <id>]";
+const USAGE: &str = "usage: duet [migrate | admin add <id> --name <name> | admin token <id> | admin disable <id>]";
 
 fn parse_args(args: &[String]) -> anyhow::Result<Command> {
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -41,6 +43,7 @@ fn parse_args(args: &[String]) -> anyhow::Result<Command> {
         }
         ["admin", "add", id] => Command::AdminAdd { id: (*id).to_owned(), name: (*id).to_owned() },
         ["admin", "token", id] => Command::AdminToken { id: (*id).to_owned() },
+        ["admin", "disable", id] => Command::AdminDisable { id: (*id).to_owned() },
         ["-h" | "--help" | "help"] => {
             println!("{USAGE}");
             std::process::exit(0)
@@ -82,6 +85,15 @@ fn main() -> anyhow::Result<()> {
             let (token, _) = auth::mint_login_sync(&db, &config, &id).with_context(|| format!("no admin {id:?}: add it first with `duet admin add {id} --name <name>`"))?;
             let _ = db.audit_sync("cli", "token_minted", &id);
             println!("{token}");
+            Ok(())
+        }
+        Command::AdminDisable { id } => {
+            let db = app::open_database(&config).context("opening the database")?;
+            if !db.disable_admin_sync(&id).context("disabling the admin")? {
+                bail!("no admin {id:?}");
+            }
+            let _ = db.audit_sync("cli", "admin_disabled", &id);
+            eprintln!("admin {id} is disabled and signed out everywhere (open sockets close within DUET_ADMIN_RECHECK_S); `duet admin add {id} --name <name>` enables them again");
             Ok(())
         }
     }

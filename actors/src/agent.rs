@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use tokio::sync::oneshot;
@@ -22,6 +23,40 @@ use crate::views::{AgentStatus, AgentView, Dashboard};
 
 /// How many ended sessions an agent remembers for `not_found` answers.
 const ENDED_REMEMBERED: usize = 16;
+
+/// Dashboards to one socket are at least this far apart, the one sent on
+/// connect included: PROTOCOL.md allows at most 4 per second, and 10 ms
+/// over a quarter second keeps any one-second window, even one closed at
+/// both ends, at four.
+const DASHBOARD_MIN_GAP: Duration = Duration::from_millis(260);
+
+/// Paces the dashboards of one agent's socket: the newest picture is sent
+/// at once when the last one left long enough ago, else once the gap is
+/// over (pictures in between are replaced, never queued).
+#[derive(Default)]
+struct DashboardPacer {
+    sent_at: Option<tokio::time::Instant>,
+    pending: Option<Arc<Dashboard>>,
+    timer: Option<SpawnHandle>,
+}
+
+impl DashboardPacer {
+    /// A socket was attached and the registry sent it the whole picture.
+    fn connected(&mut self) {
+        self.sent_at = Some(tokio::time::Instant::now());
+        self.pending = None;
+    }
+
+    /// How long the newest picture must wait; zero: send it now.
+    fn wait(&self) -> Duration {
+        self.sent_at.map_or(Duration::ZERO, |t| DASHBOARD_MIN_GAP.saturating_sub(t.elapsed()))
+    }
+
+    fn send(&mut self, conn: &ConnHandle, dashboard: Arc<Dashboard>) {
+        conn.push(Outbound::Dashboard(dashboard));
+        self.sent_at = Some(tokio::time::Instant::now());
+    }
+}
 
 /// Whom `take` asks for.
 #[derive(Clone, Debug)]
@@ -51,13 +86,26 @@ pub struct AgentActor {
     /// messages for the session get `not_found`), not `forbidden`.
     ended: VecDeque<SessionId>,
     grace: Option<SpawnHandle>,
+    dashboards: DashboardPacer,
     span: tracing::Span,
 }
 
 impl AgentActor {
     pub fn new(deps: Deps, info: AgentInfo, conn: ConnHandle) -> AgentActor {
         let span = tracing::info_span!("agent", agent_id = %info.id, node = %deps.settings.node_id);
-        AgentActor { deps, info, conn: Some(conn), away: true, serving: None, ended: VecDeque::new(), grace: None, span }
+        let mut dashboards = DashboardPacer::default();
+        dashboards.connected();
+        AgentActor {
+            deps,
+            info,
+            conn: Some(conn),
+            away: true,
+            serving: None,
+            ended: VecDeque::new(),
+            grace: None,
+            dashboards,
+            span,
+        }
     }
 
     fn status(&self) -> AgentStatus {
@@ -70,6 +118,25 @@ impl AgentActor {
         } else {
             AgentStatus::Available
         }
+    }
+
+    /// Sends the pending dashboard now, or once the pacing gap is over.
+    fn push_dashboard(&mut self, ctx: &mut Context<Self>) {
+        let Some(conn) = &self.conn else { return };
+        if self.dashboards.pending.is_none() || self.dashboards.timer.is_some() {
+            return;
+        }
+        let wait = self.dashboards.wait();
+        if wait.is_zero() {
+            if let Some(d) = self.dashboards.pending.take() {
+                self.dashboards.send(conn, d);
+            }
+            return;
+        }
+        self.dashboards.timer = Some(ctx.run_later(wait, |act, ctx| {
+            act.dashboards.timer = None;
+            act.push_dashboard(ctx);
+        }));
     }
 
     fn report(&self, ctx: &mut Context<Self>) {
@@ -265,6 +332,7 @@ impl Handler<AttachAgentConn> for AgentActor {
         if let Some(old) = self.conn.replace(msg.conn) {
             old.push(Outbound::Close { code: CLOSE_SUPERSEDED, reason: "signed in on another connection" });
         }
+        self.dashboards.connected();
         if let Some((_, session)) = &self.serving {
             // Live events resume once the agent sends `resume`.
             session.do_send(AgentDetached { agent_id: self.info.id.clone() });
@@ -327,9 +395,8 @@ pub struct PushDashboard(pub Arc<Dashboard>);
 impl Handler<PushDashboard> for AgentActor {
     type Result = ();
 
-    fn handle(&mut self, msg: PushDashboard, _ctx: &mut Context<Self>) {
-        if let Some(c) = &self.conn {
-            c.push(Outbound::Dashboard(msg.0));
-        }
+    fn handle(&mut self, msg: PushDashboard, ctx: &mut Context<Self>) {
+        self.dashboards.pending = Some(msg.0);
+        self.push_dashboard(ctx);
     }
 }

@@ -92,7 +92,8 @@ pub async fn otp_verify(req: HttpRequest, body: web::Json<OtpVerify>, state: web
 pub async fn logout(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, HttpError> {
     let (admin, hash) = auth::require_admin(req.headers(), &state.config, &state.db).await?;
     state.db.revoke_admin_session(&hash, now_ms()).await?;
-    let _ = state.db.audit(&admin.id, "logout", "").await;
+    let closed = crate::ws::admin_session::close_signed_out(&state, &hash);
+    let _ = state.db.audit(&admin.id, "logout", &format!("sockets closed: {closed}")).await;
     let mut gone = Cookie::build(state.config.cookie_name(), "").path("/").http_only(true).secure(state.config.is_production()).finish();
     gone.make_removal();
     Ok(HttpResponse::NoContent().cookie(gone).finish())

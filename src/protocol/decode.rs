@@ -212,15 +212,19 @@ struct KindOnly<'a> {
     kind: Option<&'a RawValue>,
 }
 
+/// serde's derived structs also read JSON arrays (fields by position), so
+/// `[1]` would pass for an object whose first field is 1: only text that
+/// starts as an object is read at all.
+fn is_object(text: &str) -> bool {
+    text.trim_start().starts_with('{')
+}
+
 fn parse(text: &str) -> Result<(Frame<'_>, Option<&RawValue>), DecodeError> {
-    let inc: Incoming<'_> = serde_json::from_str(text).map_err(|e| DecodeError {
-        client_ref: ref_only(text),
-        message: if text.trim_start().starts_with('{') {
-            format!("malformed message: {e}")
-        } else {
-            "a message must be a JSON object".to_owned()
-        },
-    })?;
+    if !is_object(text) {
+        return Err(DecodeError { client_ref: None, message: "a message must be a JSON object".to_owned() });
+    }
+    let inc: Incoming<'_> = serde_json::from_str(text)
+        .map_err(|e| DecodeError { client_ref: ref_only(text), message: format!("malformed message: {e}") })?;
     let client_ref = match inc.client_ref {
         None => None,
         Some(raw) => canonical_ref(raw).map_err(|message| DecodeError { client_ref: None, message })?,
@@ -339,6 +343,9 @@ pub fn ref_only(text: &str) -> Option<ClientRef> {
         #[serde(rename = "ref", borrow)]
         client_ref: Option<&'a RawValue>,
     }
+    if !is_object(text) {
+        return None;
+    }
     let r: RefOnly<'_> = serde_json::from_str(text).ok()?;
     canonical_ref(r.client_ref?).ok().flatten()
 }
@@ -399,6 +406,19 @@ mod tests {
         assert!(err(r#"{"type":"stats","rtt_ms":1,"loss_pct":101,"jitter_ms":1}"#).message.contains("loss_pct"));
         assert!(err(r#"{"type":"ping","ref":1.5}"#).message.contains("ref"));
         assert!(err(r#"{"type":"ping","ref":{}}"#).message.contains("ref"));
+    }
+
+    /// serde reads a struct from an array by position: `[1]` once came back
+    /// as an error answering ref 1, a ref the client never sent.
+    #[test]
+    fn an_array_is_no_object_and_has_no_ref() {
+        for text in [r#"[1]"#, r#"["abc"]"#, r#" [7, "ping"]"#, r#"["ping", 1]"#, "\"ping\"", "42", "null"] {
+            let e = err(text);
+            assert!(e.message.contains("JSON object"), "{text}: {}", e.message);
+            assert_eq!(e.client_ref, None, "{text}");
+            assert_eq!(ref_only(text), None, "{text}");
+            assert!(agent_frame(text).is_err_and(|e| e.client_ref.is_none()), "{text}");
+        }
     }
 
     #[test]

@@ -127,9 +127,23 @@ fn add_admin(c: &mut DbConn, id: &str, name: &str, now: i64) -> Q<AdminRow> {
         .values((admins::id.eq(id), admins::name.eq(name), admins::created_at_ms.eq(now), admins::disabled.eq(false)))
         .on_conflict(admins::id)
         .do_update()
-        .set(admins::name.eq(name))
+        .set((admins::name.eq(name), admins::disabled.eq(false)))
         .execute(c))?;
     get_admin(c, id)?.ok_or(diesel::result::Error::NotFound)
+}
+
+/// Disables the admin and revokes every login of theirs; `false` when no
+/// such admin exists. Open sockets close at their next session check.
+fn disable_admin(c: &mut DbConn, id: &str, now: i64) -> Q<bool> {
+    c.write_transaction(|c| {
+        let n = diesel::update(admins::table.find(id)).set(admins::disabled.eq(true)).execute(c)?;
+        diesel::update(admin_sessions::table)
+            .filter(admin_sessions::admin_id.eq(id))
+            .filter(admin_sessions::revoked_at_ms.is_null())
+            .set(admin_sessions::revoked_at_ms.eq(Some(now)))
+            .execute(c)?;
+        Ok::<_, diesel::result::Error>(n == 1)
+    })
 }
 
 fn get_admin(c: &mut DbConn, id: &str) -> Q<Option<AdminRow>> {
@@ -371,6 +385,11 @@ impl Database {
 
     pub fn add_admin_sync(&self, id: &str, name: &str) -> Result<AdminRow, StorageError> {
         self.run_sync(|c| add_admin(c, id, name, now_ms()))
+    }
+
+    /// `duet admin disable`: see [`disable_admin`].
+    pub fn disable_admin_sync(&self, id: &str) -> Result<bool, StorageError> {
+        self.run_sync(|c| disable_admin(c, id, now_ms()))
     }
 
     pub async fn get_admin(&self, id: &str) -> Result<Option<AdminRow>, StorageError> {

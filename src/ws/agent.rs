@@ -27,6 +27,8 @@ pub struct AgentRole {
     pub direct: Arc<super::direct::DirectSocket>,
     /// Held for the life of the socket.
     pub _registration: super::Registration,
+    /// Closes the socket when its admin session ends.
+    pub _session_watch: super::admin_session::AdminSessionWatch,
 }
 
 impl Role for AgentRole {

@@ -6,6 +6,7 @@
 //! are checked before the handshake, so a refused client gets a plain HTTP
 //! status and no socket.
 
+pub mod admin_session;
 pub mod agent;
 pub mod conn;
 pub mod customer;
@@ -82,7 +83,7 @@ pub async fn upgrade(req: Request, framed: Framed<TcpStream, h1::Codec>, state: 
     let agent = match route {
         Route::Customer => None,
         Route::Agent => match auth::require_admin(&head.headers, &state.config, &state.db).await {
-            Ok((admin, _)) => Some(auth::agent_info(&admin)),
+            Ok((admin, token_hash)) => Some((auth::agent_info(&admin), token_hash)),
             Err(e) => {
                 state.metrics.upgrades_refused.inc();
                 return refuse(framed, e).await;
@@ -92,8 +93,8 @@ pub async fn upgrade(req: Request, framed: Framed<TcpStream, h1::Codec>, state: 
     let Some(ws) = handshake(head, framed, state.config.max_message_bytes).await else { return };
     match agent {
         None => customer_conn(ws, ip, state),
-        Some(info) => {
-            actix_web::rt::spawn(agent_conn(ws, info, state));
+        Some((info, token_hash)) => {
+            actix_web::rt::spawn(agent_conn(ws, info, token_hash, state));
         }
     }
 }
@@ -184,7 +185,7 @@ fn customer_conn(mut ws: WsSocket, ip: IpAddr, state: Arc<AppState>) {
     actix_web::rt::spawn(task);
 }
 
-async fn agent_conn(ws: WsSocket, info: duet_actors::domain::AgentInfo, state: Arc<AppState>) {
+async fn agent_conn(ws: WsSocket, info: duet_actors::domain::AgentInfo, token_hash: String, state: Arc<AppState>) {
     let conn_id = conn::next_conn_id();
     // Agents get the relayed messages: written from the session's thread
     // when their loop is asleep (src/ws/direct.rs says why).
@@ -194,10 +195,18 @@ async fn agent_conn(ws: WsSocket, info: duet_actors::domain::AgentInfo, state: A
         ConnHandle::with_direct(conn_id, state.config.outbox_frames, Some(direct.clone()));
     let span = tracing::info_span!("conn", conn_id, role = "agent", agent_id = %info.id);
     let registration = Registration::new(&state, &handle, "agent");
+    let session_watch = admin_session::AdminSessionWatch::start(&state, &handle, token_hash);
     let body = async move {
         ws.queue_text(hello(&state));
         if let Ok(addr) = state.deps.registry.send(AgentConnect { info, conn: handle.clone() }).await {
-            let role = agent::AgentRole { app: state.clone(), handle, agent: addr, direct, _registration: registration };
+            let role = agent::AgentRole {
+                app: state.clone(),
+                handle,
+                agent: addr,
+                direct,
+                _registration: registration,
+                _session_watch: session_watch,
+            };
             conn::run(ws, inbox, role, limits(&state), state.metrics.clone()).await;
         }
     };

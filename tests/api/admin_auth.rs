@@ -477,3 +477,50 @@ async fn answers_carry_a_request_id() {
     let r = app.http.get(format!("{}/ready", app.base)).header("x-request-id", "a b").send().await.unwrap();
     assert_ne!(id_of(&r).as_deref(), Some("a b"), "an id with a space is replaced");
 }
+
+/// A logout closes the sockets its session opened, at once (1008), and no
+/// other: the same admin's other login and another admin keep theirs.
+#[tokio::test]
+async fn logout_closes_the_sockets_of_its_session() {
+    let app = TestApp::spawn().await;
+    let (alice1, alice2) = (app.admin_token("alice"), app.admin_token("alice"));
+    let bob = app.admin_token("bob");
+    let mut ws1 = app.agent_with_token(&alice1).await;
+    ws1.wait_type("dashboard").await;
+    let mut bob_ws = app.agent_with_token(&bob).await;
+    bob_ws.wait_type("dashboard").await;
+
+    let r = app.http.post(format!("{}/admin/logout", app.base)).bearer_auth(&alice1).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(ws1.wait_closed(std::time::Duration::from_secs(2)).await, Some(1008), "the signed-out socket closes");
+    assert_eq!(bob_ws.request(json!({"type":"available","ref":1})).await["type"], "ack", "another admin's socket stays");
+
+    // Alice's second login still opens a socket, which stays.
+    let mut ws2 = app.agent_with_token(&alice2).await;
+    ws2.wait_type("dashboard").await;
+    assert_eq!(ws2.request(json!({"type":"available","ref":2})).await["type"], "ack");
+}
+
+/// A login ended elsewhere (here `duet admin disable`, a separate process
+/// as another node would be) closes the open socket at the next check.
+#[tokio::test]
+async fn a_disabled_admin_is_signed_out_of_open_sockets() {
+    let app = TestApp::spawn_with(Options { env: vec![("DUET_ADMIN_RECHECK_S", "1".to_owned())], ..Options::default() }).await;
+    let alice = app.admin_token("alice");
+    let mut ws = app.agent_with_token(&alice).await;
+    ws.wait_type("dashboard").await;
+    // Checks that find the session valid leave the socket open.
+    ws.assert_none(std::time::Duration::from_millis(2500), |v| v["type"] == "never").await;
+    assert_eq!(ws.request(json!({"type":"available","ref":1})).await["type"], "ack");
+
+    let out = app.cli(&["admin", "disable", "alice"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(ws.wait_closed(std::time::Duration::from_secs(4)).await, Some(1008));
+    assert_eq!(admin_ws(&app, &[("Authorization", &format!("Bearer {alice}"))]).await.err(), Some(401));
+    assert!(!app.cli(&["admin", "disable", "nobody"]).status.success(), "an unknown admin is an error");
+
+    // Added again, alice may sign in anew.
+    assert!(app.cli(&["admin", "add", "alice", "--name", "Alice"]).status.success());
+    let mut again = app.agent_with_token(&app.admin_token("alice")).await;
+    again.wait_type("dashboard").await;
+}
