@@ -67,6 +67,8 @@ enum AfterCommit {
     EnterQueue,
     ReturnToQueueHead,
     Finish,
+    /// `assigned`: the taking agent gets the log so far, then its answer.
+    ShowHistory,
 }
 
 struct Pending {
@@ -85,6 +87,10 @@ struct AgentLink {
     addr: Option<Addr<AgentActor>>,
     /// Live events go here once the agent took or resumed the session.
     conn: Option<ConnHandle>,
+    /// The socket of a `take` in flight: once `assigned` is stored it gets
+    /// the session so far (what the customer wrote while waiting, what an
+    /// earlier agent said), then live events.
+    taking: Option<ConnHandle>,
 }
 
 pub struct SessionActor {
@@ -169,7 +175,7 @@ impl SessionActor {
         };
         let mut actor = SessionActor::new(deps, snap.record, phase, snap.last_seq, snap.client_keys);
         if let Phase::Active { agent } = &actor.phase {
-            actor.agent = Some(Box::new(AgentLink { info: agent.clone(), addr: None, conn: None }));
+            actor.agent = Some(Box::new(AgentLink { info: agent.clone(), addr: None, conn: None, taking: None }));
         }
         Some(actor.start())
     }
@@ -334,6 +340,7 @@ impl SessionActor {
         let batch = std::mem::take(&mut self.in_flight);
         match res {
             Ok(()) => {
+                let mut history_replies = Vec::new();
                 for p in batch {
                     self.last_committed = p.event.seq;
                     if p.after == AfterCommit::Finish {
@@ -359,6 +366,15 @@ impl SessionActor {
                                 self.answer(r, Ok(p.event.seq));
                             }
                         }
+                        AfterCommit::ShowHistory => history_replies.extend(p.replies.into_iter().map(|r| (r, p.event.seq))),
+                    }
+                }
+                // After the whole batch: the replay covers what it stored.
+                if let Some(conn) = self.agent.as_mut().and_then(|l| l.taking.take()) {
+                    self.show_history(conn, history_replies, ctx);
+                } else {
+                    for (r, seq) in history_replies {
+                        self.answer(r, Ok(seq));
                     }
                 }
                 if self.customer_lost {
@@ -694,6 +710,25 @@ impl SessionActor {
     /// Replays events after `last_seq` to `conn`, page by page, holding the
     /// actor (`ctx.wait`) so no live event overtakes the replay. Then
     /// `then` runs (it attaches the connection for live events).
+    /// The agent that took the session reads it from the start, `assigned`
+    /// last, then gets live events and the `take` answer. If the log cannot
+    /// be read it is told (an error without `ref`) and may `resume` with
+    /// `last_seq` 0; it serves the session either way.
+    fn show_history(&mut self, conn: ConnHandle, replies: Vec<(Reply, Seq)>, ctx: &mut Context<Self>) {
+        self.replay(conn.clone(), 0, move |act, _ctx, res| {
+            if let Err(error) = res {
+                warn!(error = %error, "could not show the session to the agent that took it");
+                conn.push(Outbound::Error { client_ref: None, error });
+            }
+            if let Some(link) = &mut act.agent {
+                link.conn = Some(conn);
+            }
+            for (r, seq) in replies {
+                act.answer(r, Ok(seq));
+            }
+        }, ctx);
+    }
+
     fn replay(
         &mut self,
         conn: ConnHandle,
@@ -1002,12 +1037,17 @@ impl Handler<Assign> for SessionActor {
         info!(agent_id = %msg.agent.id, "assigned");
         self.phase_before = Some(Box::new(std::mem::replace(&mut self.phase, Phase::Active { agent: msg.agent.clone() })));
         self.started_at_ms = now_ms();
-        self.agent = Some(Box::new(AgentLink { info: msg.agent.clone(), addr: Some(msg.agent_addr), conn: msg.conn }));
+        self.agent = Some(Box::new(AgentLink {
+            info: msg.agent.clone(),
+            addr: Some(msg.agent_addr),
+            conn: None,
+            taking: msg.conn,
+        }));
         if let Some(t) = self.agent_timer.take() {
             ctx.cancel_future(t);
         }
         let change = SessionChange::Status(SessionStatus::Active { agent: msg.agent.clone(), assigned_at_ms: now_ms() });
-        self.append(EventBody::Assigned { agent: msg.agent }, None, Some(change), vec![Reply::Seq(tx)], AfterCommit::Nothing, ctx);
+        self.append(EventBody::Assigned { agent: msg.agent }, None, Some(change), vec![Reply::Seq(tx)], AfterCommit::ShowHistory, ctx);
         self.report(ctx);
         Box::pin(async move { rx.await.unwrap_or(Err(ActorError::Internal)) })
     }
@@ -1117,6 +1157,7 @@ impl Handler<AttachAgent> for SessionActor {
         if let Some(link) = &mut self.agent {
             link.addr = Some(msg.agent_addr);
             link.conn = None;
+            link.taking = None;
         }
         let conn = msg.conn.clone();
         conn.push(Outbound::Resumed { session_id: self.record.id.clone() });
@@ -1157,6 +1198,7 @@ impl Handler<AgentDetached> for SessionActor {
         if let Some(link) = &mut self.agent {
             if link.info.id == msg.agent_id {
                 link.conn = None;
+                link.taking = None;
             }
         }
     }

@@ -258,6 +258,12 @@ pub fn customer_frame(text: &str) -> Result<CustomerFrame, DecodeError> {
     Ok(match frame_type(&f)?.as_ref() {
         "join" => {
             let name = f.text("name", f.inc.name, 1, NAME_MAX)?;
+            // A name is shown to agents on one line: something visible, no
+            // control characters (a newline or NUL would break the display
+            // and the logs).
+            if name.trim().is_empty() || name.chars().any(char::is_control) {
+                return Err(f.fail("`name` must have a visible character and no control characters".to_owned()));
+            }
             let topic = f.topic()?;
             let mode = match f.opt_string("mode", f.inc.mode)? {
                 None => Mode::Human,
@@ -394,6 +400,10 @@ mod tests {
         assert!(err(r#"{"type":"say","text":5,"ref":1}"#).message.contains("string"));
         assert!(err(r#"{"type":"typing","on":"yes"}"#).message.contains("boolean"));
         assert!(err(r#"{"type":"join","name":"a","topic":"no spaces"}"#).message.contains("topic"));
+        for name in ["   ", "a\\nb", "nul\\u0000", "\\t"] {
+            assert!(err(&format!(r#"{{"type":"join","name":"{name}","topic":"t"}}"#)).message.contains("name"), "{name}");
+        }
+        assert!(customer_frame(r#"{"type":"join","name":" Ann Lee ","topic":"t"}"#).is_ok());
         assert!(err(r#"{"type":"join","name":"a","topic":""}"#).message.contains("topic"));
         assert!(err(&format!(r#"{{"type":"join","name":"a","topic":"{}"}}"#, "é".repeat(TOPIC_MAX + 1))).message.contains("topic"));
         for topic in ["billing:vip", "ventes-é", "Support_DE.2", &"é".repeat(TOPIC_MAX)] {

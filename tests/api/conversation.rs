@@ -144,3 +144,68 @@ async fn event_pages_default_to_50_and_hold_at_most_200() {
     let (s, _, body) = page("limit=0".into()).await;
     assert_eq!((s, body["error"]["code"].as_str()), (400, Some("bad_request")), "{body}");
 }
+
+/// The agent that takes a customer reads the session from its start: what
+/// the customer wrote while waiting (it used to reach nobody live), then
+/// `assigned`, then the take's ack, then live events; seqs run from 1
+/// without a gap. A second agent, after the first ended its link by
+/// disconnecting for good, also reads what the first one said.
+#[tokio::test]
+async fn the_taking_agent_reads_what_the_customer_wrote_while_waiting() {
+    let app = TestApp::spawn_with(crate::support::Options {
+        env: vec![("DUET_AGENT_GRACE_S", "1".to_owned())],
+        ..Default::default()
+    })
+    .await;
+    let mut customer = join(&app, "Dee", "history").await;
+    let said = customer.client.request(json!({"type":"say","text":"my order #12 is missing"})).await;
+    assert_eq!(said["seq"], 2, "{said}");
+
+    let mut first = app.agent("first").await;
+    assert_eq!(first.request(json!({"type":"available"})).await["type"], "ack");
+    let r = first.send_ref(json!({"type":"take","topic":"history"})).await;
+    let mut stream = Vec::new();
+    let ack = loop {
+        let v = first.recv().await;
+        if v["ref"] == r {
+            break v;
+        }
+        if v.get("seq").is_some() {
+            stream.push(v);
+        }
+    };
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let kinds: Vec<&str> = stream.iter().map(|v| v["type"].as_str().unwrap_or("")).collect();
+    assert_eq!(kinds, ["session", "message", "assigned"], "{stream:?}");
+    assert!(stream.iter().enumerate().all(|(i, v)| v["seq"] == i as u64 + 1 && v["session_id"] == customer.session_id.as_str()), "{stream:?}");
+    assert!(stream[0].get("resume_token").is_none(), "the customer's token never reaches an agent: {}", stream[0]);
+    assert_eq!(stream[1]["text"], "my order #12 is missing");
+    assert_eq!(ack["seq"], 3);
+    // Then live, from the next seq.
+    customer.client.request(json!({"type":"say","text":"hello?"})).await;
+    let live = first.wait_type("message").await;
+    assert_eq!((live["seq"].as_u64(), live["text"].as_str()), (Some(4), Some("hello?")), "{live}");
+    let hi = first.request(json!({"type":"say","session_id":customer.session_id,"text":"looking into it"})).await;
+    assert_eq!(hi["seq"], 5);
+
+    // The first agent is lost for good; the customer waits again.
+    first.drop_connection();
+    customer.client.wait_for("queue again", |v| v["type"] == "queue").await;
+    let mut second = app.agent("second").await;
+    assert_eq!(second.request(json!({"type":"available"})).await["type"], "ack");
+    let r = second.send_ref(json!({"type":"take","session_id":customer.session_id})).await;
+    let mut stream = Vec::new();
+    loop {
+        let v = second.recv().await;
+        if v["ref"] == r {
+            assert_eq!(v["type"], "ack", "{v}");
+            break;
+        }
+        if v.get("seq").is_some() {
+            stream.push(v);
+        }
+    }
+    assert!(stream.iter().enumerate().all(|(i, v)| v["seq"] == i as u64 + 1), "{stream:?}");
+    assert!(stream.iter().any(|v| v["text"] == "looking into it"), "{stream:?}");
+    assert_eq!(stream.last().map(|v| (v["type"].clone(), v["agent"]["id"].clone())), Some((json!("assigned"), json!("second"))));
+}

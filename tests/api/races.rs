@@ -82,7 +82,9 @@ async fn race(backend: Backend, by_session: bool, loser_code: &str) {
         assert!(leaked.is_empty(), "round {round}: the losing agent got {leaked:?}");
         for a in agents.iter_mut() {
             a.buffered.retain(|v| v["type"] != "dashboard");
-            assert!(a.buffered.iter().all(|v| v["type"] == "assigned" || v["type"] == "ended"), "round {round}: {:?}", a.buffered);
+            // The winner read the session from its start (`session`), then
+            // `assigned`, then `ended`.
+            assert!(a.buffered.iter().all(|v| ["session", "assigned", "ended"].contains(&v["type"].as_str().unwrap_or(""))), "round {round}: {:?}", a.buffered);
             a.buffered.clear();
         }
     }
