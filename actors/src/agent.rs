@@ -169,14 +169,15 @@ impl AgentActor {
         let registry = self.deps.registry.clone();
         let me = ctx.address();
         let info = self.info.clone();
-        let live = Some(conn.clone());
+        let live = conn.clone();
+        let take_ref = client_ref.clone();
         let fut = async move {
             let (sid, session) = registry
                 .send(TakeFromQueue { target, asked_at_ms })
                 .await
                 .map_err(|_| ActorError::Internal)??;
             let seq = session
-                .send(Assign { agent: info, agent_addr: me, conn: live })
+                .send(Assign { agent: info, agent_addr: me, conn: live, client_ref: take_ref })
                 .await
                 .map_err(|_| ActorError::NotFound("the session is gone"))??;
             Ok::<_, ActorError>((sid, session, seq))
@@ -186,8 +187,9 @@ impl AgentActor {
             match res {
                 Ok((sid, session, seq)) => {
                     info!(session_id = %sid, seq, "took a customer");
+                    // The session acked the take itself, after the
+                    // history and before live events.
                     act.serving = Some((sid.clone(), session));
-                    act.reply(&conn, client_ref, Ok((Some(seq), Some(sid))));
                     act.report(ctx);
                 }
                 Err(e) => act.reply(&conn, client_ref, Err(e)),

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::domain::{Event, SessionId, Seq};
+use crate::domain::{Event, SessionId, Seq, EventBody};
 use crate::error::StoreError;
 use crate::ports::{AppendBatch, EventStore, PortFuture, SessionChange, SessionSnapshot, SessionStatus};
 
@@ -77,10 +77,23 @@ impl MemoryEventStore {
         if let Some(SessionChange::Status(s)) = &batch.change {
             snap.status = s.clone();
         }
-        stored.events.extend(batch.events.into_iter().map(|e| e.event));
+        stored.events.extend(batch.events.into_iter().map(|e| without_token(e.event)));
         stored.snapshot = Some(snap);
         Ok(())
     }
+}
+
+/// Like the SQL store: the resume token goes out live once and is never
+/// kept, so no replay (a resume, an agent's `take`) can show it.
+fn without_token(event: Arc<Event>) -> Arc<Event> {
+    if !matches!(event.body, EventBody::Session { resume_token: Some(_), .. }) {
+        return event;
+    }
+    let mut kept = (*event).clone();
+    if let EventBody::Session { resume_token, .. } = &mut kept.body {
+        *resume_token = None;
+    }
+    Arc::new(kept)
 }
 
 fn done<T: Send + 'static>(v: Result<T, StoreError>) -> PortFuture<T> {

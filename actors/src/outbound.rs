@@ -83,6 +83,8 @@ pub enum Outbound {
 pub const CLOSE_SUPERSEDED: u16 = 4001;
 /// Close code for a client that stopped reading (its buffer filled up).
 pub const CLOSE_SLOW_CONSUMER: u16 = 1013;
+/// How long a replay waits for a client to make room before closing it.
+pub const REPLAY_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What a [`DirectWrite`] did with a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -310,8 +312,15 @@ impl ConnHandle {
     }
 
     /// Waits for room, then queues (used by replay, which may outrun the
-    /// bound but must not drop anything).
+    /// bound but must not drop anything). A client that makes no room for
+    /// [`REPLAY_STALL`] is closed as a slow consumer (it resumes later):
+    /// the session's actor holds its mailbox during a replay, so a peer
+    /// that stopped reading must not hold it for good.
     pub async fn push_wait(&self, frame: Outbound) -> bool {
+        self.push_wait_within(frame, REPLAY_STALL).await
+    }
+
+    async fn push_wait_within(&self, frame: Outbound, stall: std::time::Duration) -> bool {
         loop {
             let notified = self.shared.room.notified();
             tokio::pin!(notified);
@@ -328,7 +337,11 @@ impl ConnHandle {
                     return true;
                 }
             }
-            notified.await;
+            if tokio::time::timeout(stall, notified).await.is_err() {
+                tracing::warn!(conn_id = self.conn_id, "client took nothing of a replay for {stall:?}; closing it");
+                self.shared.kill();
+                return false;
+            }
         }
     }
 
@@ -355,6 +368,18 @@ mod tests {
         inbox.kill.killed().await;
         assert!(!h.is_open());
         assert!(!h.push(pong()), "a killed connection takes nothing");
+    }
+
+    #[tokio::test]
+    async fn a_replay_to_a_client_that_reads_nothing_gives_up_and_kills_it() {
+        let (h, inbox) = ConnHandle::channel(1, 1);
+        let frame = || Outbound::Close { code: 1000, reason: "x" };
+        assert!(h.push(frame()));
+        let started = std::time::Instant::now();
+        assert!(!h.push_wait_within(frame(), std::time::Duration::from_millis(50)).await, "no room ever came");
+        assert!(started.elapsed() >= std::time::Duration::from_millis(50));
+        inbox.kill.killed().await;
+        assert!(!h.is_open());
     }
 
     /// Records what it wrote; answers as told.

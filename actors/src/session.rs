@@ -87,10 +87,11 @@ struct AgentLink {
     addr: Option<Addr<AgentActor>>,
     /// Live events go here once the agent took or resumed the session.
     conn: Option<ConnHandle>,
-    /// The socket of a `take` in flight: once `assigned` is stored it gets
-    /// the session so far (what the customer wrote while waiting, what an
-    /// earlier agent said), then live events.
-    taking: Option<ConnHandle>,
+    /// The socket (and `ref`) of a `take` in flight: once `assigned` is
+    /// stored it gets the session so far (what the customer wrote while
+    /// waiting, what an earlier agent said), then the take's ack, then
+    /// live events.
+    taking: Option<(ConnHandle, Option<ClientRef>)>,
 }
 
 pub struct SessionActor {
@@ -341,6 +342,7 @@ impl SessionActor {
         match res {
             Ok(()) => {
                 let mut history_replies = Vec::new();
+                let mut assigned_seq = None;
                 for p in batch {
                     self.last_committed = p.event.seq;
                     if p.after == AfterCommit::Finish {
@@ -366,15 +368,21 @@ impl SessionActor {
                                 self.answer(r, Ok(p.event.seq));
                             }
                         }
-                        AfterCommit::ShowHistory => history_replies.extend(p.replies.into_iter().map(|r| (r, p.event.seq))),
+                        AfterCommit::ShowHistory => {
+                            assigned_seq = Some(p.event.seq);
+                            history_replies.extend(p.replies);
+                        }
                     }
                 }
-                // After the whole batch: the replay covers what it stored.
-                if let Some(conn) = self.agent.as_mut().and_then(|l| l.taking.take()) {
-                    self.show_history(conn, history_replies, ctx);
-                } else {
-                    for (r, seq) in history_replies {
-                        self.answer(r, Ok(seq));
+                // Only the batch that stored `assigned`, and after all of
+                // it: the replay covers what it stored.
+                let taking = assigned_seq.and_then(|_| self.agent.as_mut().and_then(|l| l.taking.take()));
+                match (assigned_seq, taking) {
+                    (Some(seq), Some((conn, client_ref))) => self.show_history(conn, client_ref, seq, history_replies, ctx),
+                    (seq, _) => {
+                        for r in history_replies {
+                            self.answer(r, Ok(seq.unwrap_or(self.last_committed)));
+                        }
                     }
                 }
                 if self.customer_lost {
@@ -714,17 +722,29 @@ impl SessionActor {
     /// last, then gets live events and the `take` answer. If the log cannot
     /// be read it is told (an error without `ref`) and may `resume` with
     /// `last_seq` 0; it serves the session either way.
-    fn show_history(&mut self, conn: ConnHandle, replies: Vec<(Reply, Seq)>, ctx: &mut Context<Self>) {
+    fn show_history(
+        &mut self,
+        conn: ConnHandle,
+        client_ref: Option<ClientRef>,
+        assigned_seq: Seq,
+        replies: Vec<Reply>,
+        ctx: &mut Context<Self>,
+    ) {
         self.replay(conn.clone(), 0, move |act, _ctx, res| {
             if let Err(error) = res {
                 warn!(error = %error, "could not show the session to the agent that took it");
                 conn.push(Outbound::Error { client_ref: None, error });
             }
+            // The ack before the socket is live: an event committed during
+            // the replay is delivered after it.
+            if let Some(client_ref) = client_ref {
+                conn.push(Outbound::Ack { client_ref, seq: Some(assigned_seq), session_id: Some(act.record.id.clone()) });
+            }
             if let Some(link) = &mut act.agent {
                 link.conn = Some(conn);
             }
-            for (r, seq) in replies {
-                act.answer(r, Ok(seq));
+            for r in replies {
+                act.answer(r, Ok(assigned_seq));
             }
         }, ctx);
     }
@@ -1017,7 +1037,10 @@ impl Handler<QueuePosition> for SessionActor {
 pub struct Assign {
     pub agent: AgentInfo,
     pub agent_addr: Addr<AgentActor>,
-    pub conn: Option<ConnHandle>,
+    /// The agent's socket and the take's `ref`: on success the session
+    /// sends the ack itself, between the history and the live events.
+    pub conn: ConnHandle,
+    pub client_ref: Option<ClientRef>,
 }
 
 impl Handler<Assign> for SessionActor {
@@ -1041,7 +1064,7 @@ impl Handler<Assign> for SessionActor {
             info: msg.agent.clone(),
             addr: Some(msg.agent_addr),
             conn: None,
-            taking: msg.conn,
+            taking: Some((msg.conn, msg.client_ref)),
         }));
         if let Some(t) = self.agent_timer.take() {
             ctx.cancel_future(t);

@@ -115,3 +115,121 @@ async fn a_panicking_session_leaves_the_others_alone_and_comes_back_from_storage
     let restored = deps.registry.send(FindSession { id: crashed_id }).await.expect("registry answers");
     assert!(restored.is_some_and(|a| a.connected()), "the crashed session is restored from storage");
 }
+
+/// `take`: the taking agent's socket gets the stored session, `assigned`
+/// last, then the ack, then live events; a take whose `assigned` is not
+/// stored shows nothing of the session.
+mod take_history {
+    use super::*;
+    use crate::agent::AgentActor;
+    use crate::domain::{AgentInfo, AgentKind, Event, EventBody, SessionId, Seq};
+    use crate::ports::{AppendBatch, EventStore, PortFuture, SessionSnapshot};
+    use crate::session::Assign;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Fails every batch holding `assigned` while `fail_assigned` is set.
+    struct FailAssigned {
+        inner: Arc<MemoryEventStore>,
+        fail_assigned: AtomicBool,
+    }
+
+    impl EventStore for FailAssigned {
+        fn append(&self, batch: AppendBatch) -> PortFuture<()> {
+            let has = batch.events.iter().any(|e| matches!(e.event.body, EventBody::Assigned { .. }));
+            if has && self.fail_assigned.load(Ordering::SeqCst) {
+                return Box::pin(std::future::ready(Err(crate::error::StoreError::Unavailable { what: "test" })));
+            }
+            self.inner.append(batch)
+        }
+        fn load_session(&self, id: &SessionId) -> PortFuture<Option<SessionSnapshot>> {
+            self.inner.load_session(id)
+        }
+        fn events_after(&self, id: &SessionId, after: Seq, limit: u32) -> PortFuture<Vec<Arc<Event>>> {
+            self.inner.events_after(id, after, limit)
+        }
+        fn events_before(&self, id: &SessionId, before: Seq, limit: u32) -> PortFuture<Vec<Arc<Event>>> {
+            self.inner.events_before(id, before, limit)
+        }
+        fn open_sessions(&self) -> PortFuture<Vec<SessionSnapshot>> {
+            self.inner.open_sessions()
+        }
+    }
+
+    fn deps_with(store: Arc<dyn EventStore>) -> Deps {
+        let settings = Arc::new(Settings::default());
+        let queue = Arc::new(MemoryQueue::new());
+        let registry = RegistryActor::new(store.clone(), queue.clone(), settings.clone()).start();
+        Deps::new(store, queue, registry, settings)
+    }
+
+    fn agent(deps: &Deps) -> (Addr<AgentActor>, ConnHandle, ConnInbox, AgentInfo) {
+        let info = AgentInfo { id: Arc::from("a1"), name: Arc::from("A"), kind: AgentKind::Human };
+        let (conn, inbox) = ConnHandle::channel(99, 64);
+        let addr = AgentActor::new(deps.clone(), info.clone(), conn.clone()).start();
+        (addr, conn, inbox, info)
+    }
+
+    /// What reached a socket, dashboards left out, as short labels.
+    fn drain(inbox: &mut ConnInbox) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(f) = inbox.try_recv() {
+            out.push(match f {
+                Outbound::Event(e) => {
+                    let token = matches!(&e.body, EventBody::Session { resume_token: Some(_), .. });
+                    format!("event{}:{}{}", e.seq, e.body.type_name(), if token { "+TOKEN" } else { "" })
+                }
+                Outbound::Ack { seq, .. } => format!("ack{seq:?}"),
+                Outbound::Error { error, .. } => format!("error:{error:?}"),
+                Outbound::Dashboard(_) => continue,
+                other => format!("{other:?}"),
+            });
+        }
+        out
+    }
+
+    #[actix::test]
+    async fn a_customer_message_stored_during_the_take_comes_after_the_ack() {
+        let deps = deps(Arc::new(MemoryEventStore::new()));
+        let (addr, conn, _inbox, _id) = joined(&deps, 1).await;
+        let (agent_addr, agent_conn, mut agent_inbox, info) = agent(&deps);
+        let taken = addr.send(Assign { agent: info, agent_addr, conn: agent_conn, client_ref: Some(cref(9)) });
+        addr.do_send(say(&conn, 2)); // stored while `assigned` is, or right after
+        assert_eq!(taken.await.expect("answer").expect("taken"), 2);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let got = drain(&mut agent_inbox);
+        assert_eq!(got, ["event1:session", "event2:assigned", "ackSome(2)", "event3:message"], "{got:?}");
+    }
+
+    #[actix::test]
+    async fn a_take_whose_assigned_is_not_stored_shows_nothing() {
+        let store = Arc::new(FailAssigned { inner: Arc::new(MemoryEventStore::new()), fail_assigned: AtomicBool::new(true) });
+        let deps = deps_with(store.clone());
+        let (addr, conn, _inbox, _id) = joined(&deps, 1).await;
+        let (agent_addr, agent_conn, mut agent_inbox, info) = agent(&deps);
+        addr.do_send(say(&conn, 2)); // in flight when Assign arrives
+        let res = addr.send(Assign { agent: info.clone(), agent_addr: agent_addr.clone(), conn: agent_conn.clone(), client_ref: Some(cref(9)) }).await;
+        assert!(res.expect("answer").is_err());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let got = drain(&mut agent_inbox);
+        assert!(got.iter().all(|f| !f.starts_with("event") && !f.starts_with("ack")), "a failed take showed the session: {got:?}");
+
+        // Storage back: the next take shows it once, from seq 1.
+        store.fail_assigned.store(false, Ordering::SeqCst);
+        let mut seq = None;
+        for _ in 0..50 {
+            let res = addr.send(Assign { agent: info.clone(), agent_addr: agent_addr.clone(), conn: agent_conn.clone(), client_ref: Some(cref(10)) }).await;
+            if let Ok(Ok(s)) = res {
+                seq = Some(s);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let seq = seq.expect("taken once storage is back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let got: Vec<String> = drain(&mut agent_inbox).into_iter().filter(|f| !f.starts_with("error")).collect();
+        let mut want: Vec<String> = vec!["event1:session".into(), "event2:message".into()];
+        want.push(format!("event{seq}:assigned"));
+        want.push(format!("ackSome({seq})"));
+        assert_eq!(got, want, "{got:?}");
+    }
+}

@@ -212,6 +212,17 @@ struct KindOnly<'a> {
     kind: Option<&'a RawValue>,
 }
 
+/// Not white space and not one of the invisible format characters.
+fn visible(c: char) -> bool {
+    !c.is_whitespace() && !matches!(c, '\u{200B}'..='\u{200D}' | '\u{2060}' | '\u{FEFF}')
+}
+
+/// Control characters, line and paragraph separators, and the bidi
+/// overrides and isolates that reorder whatever is shown after them.
+fn breaks_display(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
 /// serde's derived structs also read JSON arrays (fields by position), so
 /// `[1]` would pass for an object whose first field is 1: only text that
 /// starts as an object is read at all.
@@ -261,7 +272,7 @@ pub fn customer_frame(text: &str) -> Result<CustomerFrame, DecodeError> {
             // A name is shown to agents on one line: something visible, no
             // control characters (a newline or NUL would break the display
             // and the logs).
-            if name.trim().is_empty() || name.chars().any(char::is_control) {
+            if !name.chars().any(visible) || name.chars().any(breaks_display) {
                 return Err(f.fail("`name` must have a visible character and no control characters".to_owned()));
             }
             let topic = f.topic()?;
@@ -400,10 +411,12 @@ mod tests {
         assert!(err(r#"{"type":"say","text":5,"ref":1}"#).message.contains("string"));
         assert!(err(r#"{"type":"typing","on":"yes"}"#).message.contains("boolean"));
         assert!(err(r#"{"type":"join","name":"a","topic":"no spaces"}"#).message.contains("topic"));
-        for name in ["   ", "a\\nb", "nul\\u0000", "\\t"] {
+        for name in ["   ", "a\\nb", "nul\\u0000", "\\t", "\\u200b", "x\\u202eevil", "a\\u2028b"] {
             assert!(err(&format!(r#"{{"type":"join","name":"{name}","topic":"t"}}"#)).message.contains("name"), "{name}");
         }
-        assert!(customer_frame(r#"{"type":"join","name":" Ann Lee ","topic":"t"}"#).is_ok());
+        for name in [" Ann Lee ", "👨\\u200d👩\\u200d👧", "Zoë", "e\\u0301"] {
+            assert!(customer_frame(&format!(r#"{{"type":"join","name":"{name}","topic":"t"}}"#)).is_ok(), "{name}");
+        }
         assert!(err(r#"{"type":"join","name":"a","topic":""}"#).message.contains("topic"));
         assert!(err(&format!(r#"{{"type":"join","name":"a","topic":"{}"}}"#, "é".repeat(TOPIC_MAX + 1))).message.contains("topic"));
         for topic in ["billing:vip", "ventes-é", "Support_DE.2", &"é".repeat(TOPIC_MAX)] {

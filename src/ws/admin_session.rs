@@ -45,7 +45,9 @@ impl Drop for AdminSessionWatch {
 }
 
 async fn recheck(state: Arc<AppState>, handle: ConnHandle, hash: Arc<str>) {
-    let every = state.config.admin_recheck;
+    // A check counts as use: often enough that an open socket's session
+    // never idles out between two.
+    let every = state.config.admin_recheck.min(state.config.admin_idle_ttl / 4);
     // The first check at once learns when the session expires.
     let mut next = Duration::ZERO;
     loop {

@@ -90,7 +90,7 @@ async fn dashboard_is_pushed_on_change_at_most_four_times_a_second() {
 #[tokio::test]
 async fn the_first_change_after_connect_waits_out_the_gap() {
     let app = TestApp::spawn().await;
-    for round in 0..3 {
+    for round in 0..5 {
         let mut agent = app.agent(&format!("gap{round}")).await;
         agent.wait_type("dashboard").await;
         let first_at = Instant::now();
@@ -102,8 +102,10 @@ async fn the_first_change_after_connect_waits_out_the_gap() {
             })
             .await;
         let gap = first_at.elapsed();
-        // 260 ms at the server; the first dashboard was read after it left.
-        assert!(gap >= Duration::from_millis(230), "round {round}: second dashboard {gap:?} after the first");
+        // 260 ms at the server; the first dashboard was read after it left
+        // (late, on a loaded machine: hence the slack). The old code sent
+        // the change at the registry's next tick, 0–250 ms after connect.
+        assert!(gap >= Duration::from_millis(200), "round {round}: second dashboard {gap:?} after the first");
     }
 }
 

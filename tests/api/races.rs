@@ -80,6 +80,9 @@ async fn race(backend: Backend, by_session: bool, loser_code: &str) {
         // The loser got nothing of this session.
         let leaked: Vec<&Value> = agents[l].buffered.iter().filter(|v| about(v, &sid)).collect();
         assert!(leaked.is_empty(), "round {round}: the losing agent got {leaked:?}");
+        // Each stored event reached the winner once, in order, from seq 1.
+        let seqs: Vec<u64> = agents[w].buffered.iter().filter(|v| about(v, &sid)).filter_map(|v| v["seq"].as_u64()).collect();
+        assert!(seqs.iter().enumerate().all(|(i, s)| *s == i as u64 + 1), "round {round}: the winner's seqs {seqs:?}");
         for a in agents.iter_mut() {
             a.buffered.retain(|v| v["type"] != "dashboard");
             // The winner read the session from its start (`session`), then
