@@ -469,6 +469,14 @@ impl SessionActor {
                     act.last_allocated = snap.last_seq;
                     act.keys = snap.client_keys.into_iter().collect();
                     act.stale = false;
+                    // `assigned` was stored though its take was answered
+                    // with an error (and the customer put back in line): no
+                    // agent serves it, so it goes back to the head of the
+                    // queue in the log too, or nobody could take it again.
+                    if let (Phase::Active { agent }, None) = (&act.phase, &act.agent) {
+                        let id = agent.id.clone();
+                        act.agent_lost(&id, ctx);
+                    }
                 }
                 Ok((None, _)) => act.stale = false,
                 Err(_) => {} // Still down: the next append tries again.

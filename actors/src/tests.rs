@@ -127,19 +127,39 @@ mod take_history {
     use crate::session::Assign;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    /// Fails every batch holding `assigned` while `fail_assigned` is set.
-    struct FailAssigned {
+    /// How batches holding `assigned` fail: refused while `refuse` is set;
+    /// or, once, stored and then reported failed (a connection lost during
+    /// COMMIT) when `lie_once` is set.
+    struct AssignFaults {
         inner: Arc<MemoryEventStore>,
-        fail_assigned: AtomicBool,
+        refuse: AtomicBool,
+        lie_once: AtomicBool,
     }
 
-    impl EventStore for FailAssigned {
+    impl AssignFaults {
+        fn new(refuse: bool, lie_once: bool) -> Arc<AssignFaults> {
+            Arc::new(AssignFaults {
+                inner: Arc::new(MemoryEventStore::new()),
+                refuse: AtomicBool::new(refuse),
+                lie_once: AtomicBool::new(lie_once),
+            })
+        }
+    }
+
+    impl EventStore for AssignFaults {
         fn append(&self, batch: AppendBatch) -> PortFuture<()> {
             let has = batch.events.iter().any(|e| matches!(e.event.body, EventBody::Assigned { .. }));
-            if has && self.fail_assigned.load(Ordering::SeqCst) {
+            if has && self.refuse.load(Ordering::SeqCst) {
                 return Box::pin(std::future::ready(Err(crate::error::StoreError::Unavailable { what: "test" })));
             }
-            self.inner.append(batch)
+            let stored = self.inner.append(batch);
+            if has && self.lie_once.swap(false, Ordering::SeqCst) {
+                return Box::pin(async move {
+                    let _ = stored.await;
+                    Err(crate::error::StoreError::Unavailable { what: "test" })
+                });
+            }
+            stored
         }
         fn load_session(&self, id: &SessionId) -> PortFuture<Option<SessionSnapshot>> {
             self.inner.load_session(id)
@@ -153,6 +173,30 @@ mod take_history {
         fn open_sessions(&self) -> PortFuture<Vec<SessionSnapshot>> {
             self.inner.open_sessions()
         }
+    }
+
+    /// The take was answered with an error but `assigned` is in the log:
+    /// the customer goes back in line in the log too and can be taken.
+    #[actix::test]
+    async fn an_assignment_stored_but_reported_failed_leaves_the_customer_takeable() {
+        let store = AssignFaults::new(false, true);
+        let deps = deps_with(store.clone());
+        let (addr, _conn, mut customer_inbox, _id) = joined(&deps, 1).await;
+        let (agent_addr, agent_conn, _agent_inbox, info) = agent(&deps);
+        let first = addr.send(Assign { agent: info.clone(), agent_addr: agent_addr.clone(), conn: agent_conn.clone(), client_ref: None }).await;
+        assert!(first.expect("answer").is_err());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let again = addr.send(Assign { agent: info, agent_addr, conn: agent_conn, client_ref: None }).await;
+        let seq = again.expect("answer").expect("taken after the resync");
+        // The log: session, assigned (stored), a system notice, assigned.
+        assert_eq!(seq, 4);
+        let mut kinds = Vec::new();
+        while let Some(f) = customer_inbox.try_recv() {
+            if let Outbound::Event(e) = f {
+                kinds.push(format!("{}:{}", e.seq, e.body.type_name()));
+            }
+        }
+        assert_eq!(kinds, ["2:assigned", "3:message", "4:assigned"], "{kinds:?}");
     }
 
     fn deps_with(store: Arc<dyn EventStore>) -> Deps {
@@ -202,7 +246,7 @@ mod take_history {
 
     #[actix::test]
     async fn a_take_whose_assigned_is_not_stored_shows_nothing() {
-        let store = Arc::new(FailAssigned { inner: Arc::new(MemoryEventStore::new()), fail_assigned: AtomicBool::new(true) });
+        let store = AssignFaults::new(true, false);
         let deps = deps_with(store.clone());
         let (addr, conn, _inbox, _id) = joined(&deps, 1).await;
         let (agent_addr, agent_conn, mut agent_inbox, info) = agent(&deps);
@@ -214,7 +258,7 @@ mod take_history {
         assert!(got.iter().all(|f| !f.starts_with("event") && !f.starts_with("ack")), "a failed take showed the session: {got:?}");
 
         // Storage back: the next take shows it once, from seq 1.
-        store.fail_assigned.store(false, Ordering::SeqCst);
+        store.refuse.store(false, Ordering::SeqCst);
         let mut seq = None;
         for _ in 0..50 {
             let res = addr.send(Assign { agent: info.clone(), agent_addr: agent_addr.clone(), conn: agent_conn.clone(), client_ref: Some(cref(10)) }).await;
