@@ -36,9 +36,9 @@ pub struct AppState {
     pub notifier: Box<dyn Notifier>,
     /// Every open socket, so a shutdown can tell each one to reconnect.
     pub conns: parking_lot::Mutex<std::collections::HashMap<u64, duet_actors::outbound::ConnHandle>>,
-    /// The admin session (token hash) of each open `/admin/ws` socket, so a
-    /// logout closes the sockets it signed in.
-    pub admin_conns: parking_lot::Mutex<std::collections::HashMap<u64, Arc<str>>>,
+    /// Each open `/admin/ws` socket by conn id, with its admin session's
+    /// token hash, so a logout closes the sockets it signed in.
+    pub admin_conns: parking_lot::Mutex<std::collections::HashMap<u64, (Arc<str>, duet_actors::outbound::ConnHandle)>>,
     db_ok: AtomicBool,
 }
 

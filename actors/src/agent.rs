@@ -33,28 +33,32 @@ const DASHBOARD_MIN_GAP: Duration = Duration::from_millis(260);
 /// Paces the dashboards of one agent's socket: the newest picture is sent
 /// at once when the last one left long enough ago, else once the gap is
 /// over (pictures in between are replaced, never queued).
-#[derive(Default)]
 struct DashboardPacer {
-    sent_at: Option<tokio::time::Instant>,
+    sent_at: tokio::time::Instant,
     pending: Option<Arc<Dashboard>>,
     timer: Option<SpawnHandle>,
 }
 
 impl DashboardPacer {
-    /// A socket was attached and the registry sent it the whole picture.
+    /// For a socket the registry just sent the whole picture.
+    fn new() -> DashboardPacer {
+        DashboardPacer { sent_at: tokio::time::Instant::now(), pending: None, timer: None }
+    }
+
+    /// Another socket was attached and the registry sent it the picture.
     fn connected(&mut self) {
-        self.sent_at = Some(tokio::time::Instant::now());
+        self.sent_at = tokio::time::Instant::now();
         self.pending = None;
     }
 
     /// How long the newest picture must wait; zero: send it now.
     fn wait(&self) -> Duration {
-        self.sent_at.map_or(Duration::ZERO, |t| DASHBOARD_MIN_GAP.saturating_sub(t.elapsed()))
+        DASHBOARD_MIN_GAP.saturating_sub(self.sent_at.elapsed())
     }
 
     fn send(&mut self, conn: &ConnHandle, dashboard: Arc<Dashboard>) {
         conn.push(Outbound::Dashboard(dashboard));
-        self.sent_at = Some(tokio::time::Instant::now());
+        self.sent_at = tokio::time::Instant::now();
     }
 }
 
@@ -93,8 +97,6 @@ pub struct AgentActor {
 impl AgentActor {
     pub fn new(deps: Deps, info: AgentInfo, conn: ConnHandle) -> AgentActor {
         let span = tracing::info_span!("agent", agent_id = %info.id, node = %deps.settings.node_id);
-        let mut dashboards = DashboardPacer::default();
-        dashboards.connected();
         AgentActor {
             deps,
             info,
@@ -103,7 +105,7 @@ impl AgentActor {
             serving: None,
             ended: VecDeque::new(),
             grace: None,
-            dashboards,
+            dashboards: DashboardPacer::new(),
             span,
         }
     }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::domain::{Event, SessionId, Seq, EventBody};
+use crate::domain::{Event, EventBody, SessionId, Seq};
 use crate::error::StoreError;
 use crate::ports::{AppendBatch, EventStore, PortFuture, SessionChange, SessionSnapshot, SessionStatus};
 

@@ -341,8 +341,8 @@ impl SessionActor {
         let batch = std::mem::take(&mut self.in_flight);
         match res {
             Ok(()) => {
-                let mut history_replies = Vec::new();
-                let mut assigned_seq = None;
+                // The seq of `assigned` in this batch, and the take's reply.
+                let mut assigned: Option<(Seq, Vec<Reply>)> = None;
                 for p in batch {
                     self.last_committed = p.event.seq;
                     if p.after == AfterCommit::Finish {
@@ -368,20 +368,18 @@ impl SessionActor {
                                 self.answer(r, Ok(p.event.seq));
                             }
                         }
-                        AfterCommit::ShowHistory => {
-                            assigned_seq = Some(p.event.seq);
-                            history_replies.extend(p.replies);
-                        }
+                        AfterCommit::ShowHistory => assigned = Some((p.event.seq, p.replies)),
                     }
                 }
                 // Only the batch that stored `assigned`, and after all of
                 // it: the replay covers what it stored.
-                let taking = assigned_seq.and_then(|_| self.agent.as_mut().and_then(|l| l.taking.take()));
-                match (assigned_seq, taking) {
-                    (Some(seq), Some((conn, client_ref))) => self.show_history(conn, client_ref, seq, history_replies, ctx),
-                    (seq, _) => {
-                        for r in history_replies {
-                            self.answer(r, Ok(seq.unwrap_or(self.last_committed)));
+                if let Some((seq, replies)) = assigned {
+                    match self.agent.as_mut().and_then(|l| l.taking.take()) {
+                        Some((conn, client_ref)) => self.show_history(conn, client_ref, seq, replies, ctx),
+                        None => {
+                            for r in replies {
+                                self.answer(r, Ok(seq));
+                            }
                         }
                     }
                 }
@@ -723,11 +721,8 @@ impl SessionActor {
         Arc::from(format!("{}-{}", self.record.id, seq))
     }
 
-    /// Replays events after `last_seq` to `conn`, page by page, holding the
-    /// actor (`ctx.wait`) so no live event overtakes the replay. Then
-    /// `then` runs (it attaches the connection for live events).
     /// The agent that took the session reads it from the start, `assigned`
-    /// last, then gets live events and the `take` answer. If the log cannot
+    /// last, then gets the `take` ack, then live events. If the log cannot
     /// be read it is told (an error without `ref`) and may `resume` with
     /// `last_seq` 0; it serves the session either way.
     fn show_history(
@@ -757,6 +752,9 @@ impl SessionActor {
         }, ctx);
     }
 
+    /// Replays events after `last_seq` to `conn`, page by page, holding the
+    /// actor (`ctx.wait`) so no live event overtakes the replay. Then
+    /// `then` runs (it attaches the connection for live events).
     fn replay(
         &mut self,
         conn: ConnHandle,

@@ -31,7 +31,7 @@ pub struct AdminSessionWatch {
 impl AdminSessionWatch {
     pub fn start(state: &Arc<AppState>, handle: &ConnHandle, token_hash: String) -> AdminSessionWatch {
         let hash: Arc<str> = Arc::from(token_hash);
-        state.admin_conns.lock().insert(handle.conn_id, hash.clone());
+        state.admin_conns.lock().insert(handle.conn_id, (hash.clone(), handle.clone()));
         let task = actix_web::rt::spawn(recheck(state.clone(), handle.clone(), hash));
         AdminSessionWatch { state: state.clone(), conn_id: handle.conn_id, task }
     }
@@ -75,11 +75,10 @@ async fn recheck(state: Arc<AppState>, handle: ConnHandle, hash: Arc<str>) {
 /// Closes this node's sockets opened with the session `token_hash` (just
 /// revoked); answers how many.
 pub fn close_signed_out(state: &AppState, token_hash: &str) -> usize {
-    let ids: Vec<u64> =
-        state.admin_conns.lock().iter().filter(|(_, h)| h.as_ref() == token_hash).map(|(id, _)| *id).collect();
-    let conns = state.conns.lock();
-    ids.iter()
-        .filter_map(|id| conns.get(id))
-        .filter(|c| c.push(Outbound::Close { code: CLOSE_SIGNED_OUT, reason: SIGNED_OUT }))
+    state
+        .admin_conns
+        .lock()
+        .values()
+        .filter(|(h, c)| h.as_ref() == token_hash && c.push(Outbound::Close { code: CLOSE_SIGNED_OUT, reason: SIGNED_OUT }))
         .count()
 }
