@@ -15,7 +15,7 @@ use tracing::info;
 
 use crate::domain::{AgentInfo, ClientRef, SessionId, Seq};
 use crate::error::ActorError;
-use crate::outbound::{ConnHandle, Outbound, CLOSE_SUPERSEDED};
+use crate::outbound::{ConnHandle, Outbound, CLOSE_RESTARTING, CLOSE_SUPERSEDED};
 use crate::registry::{AgentChanged, AgentGone, FindSession, TakeFromQueue};
 use crate::session::{AgentCmd, AgentDetached, AgentLost, AgentResume, Assign, AttachAgent, FromAgent, SessionActor};
 use crate::settings::Deps;
@@ -230,6 +230,7 @@ impl AgentActor {
         ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
             Ok(Some(session)) => {
                 act.serving = Some((session_id, session));
+                act.cancel_grace(ctx);
                 act.report(ctx);
             }
             Ok(None) => {}
@@ -237,18 +238,33 @@ impl AgentActor {
         }));
     }
 
+    /// Starts the grace period of a lost connection, unless one runs: a
+    /// serving agent's deadline is kept across a reconnect until it resumes
+    /// the session (a reconnect alone delivers nothing to it).
     fn start_grace(&mut self, ctx: &mut Context<Self>) {
-        if let Some(h) = self.grace.take() {
-            ctx.cancel_future(h);
+        if self.grace.is_some() {
+            return;
         }
         self.grace = Some(ctx.run_later(self.deps.settings.agent_grace, |act, ctx| {
             let _g = act.span.clone().entered();
-            info!("agent did not come back within the grace period");
-            if let Some((_, session)) = act.serving.take() {
+            act.grace = None;
+            if let Some((session_id, session)) = act.serving.take() {
+                info!(session_id = %session_id, "agent did not resume its session within the grace period");
                 session.do_send(AgentLost { agent_id: act.info.id.clone() });
             }
-            ctx.stop();
+            if act.conn.is_none() {
+                info!("agent did not come back within the grace period");
+                ctx.stop();
+            } else {
+                act.report(ctx);
+            }
         }));
+    }
+
+    fn cancel_grace(&mut self, ctx: &mut Context<Self>) {
+        if let Some(h) = self.grace.take() {
+            ctx.cancel_future(h);
+        }
     }
 }
 
@@ -301,7 +317,16 @@ impl Handler<FromAgentConn> for AgentActor {
             }
             AgentRequest::InSession { session_id, cmd } => match &self.serving {
                 Some((sid, session)) if *sid == session_id => {
-                    session.do_send(FromAgent { agent_id: self.info.id.clone(), conn, cmd });
+                    if session.connected() {
+                        session.do_send(FromAgent { agent_id: self.info.id.clone(), conn, cmd });
+                    } else {
+                        // The session's actor died (a bug the runtime caught);
+                        // storage holds it, and a resume restores it.
+                        if let Some(client_ref) = cmd.client_ref() {
+                            self.reply(&conn, Some(client_ref), Err(ActorError::Unavailable { message: "session restarting; resume", retry_after_ms: 100 }));
+                        }
+                        conn.push(Outbound::Close { code: CLOSE_RESTARTING, reason: "session restarting; resume" });
+                    }
                 }
                 _ => {
                     let client_ref = cmd.client_ref();
@@ -330,16 +355,19 @@ impl Handler<AttachAgentConn> for AgentActor {
     type Result = ();
 
     fn handle(&mut self, msg: AttachAgentConn, ctx: &mut Context<Self>) {
-        if let Some(h) = self.grace.take() {
-            ctx.cancel_future(h);
+        if self.serving.is_none() {
+            self.cancel_grace(ctx);
         }
         if let Some(old) = self.conn.replace(msg.conn) {
             old.push(Outbound::Close { code: CLOSE_SUPERSEDED, reason: "signed in on another connection" });
         }
         self.dashboards.connected();
         if let Some((_, session)) = &self.serving {
-            // Live events resume once the agent sends `resume`.
+            // Live events resume once the agent sends `resume`, which it
+            // must within the grace period (kept from a lost connection, or
+            // started now for one that is replaced).
             session.do_send(AgentDetached { agent_id: self.info.id.clone() });
+            self.start_grace(ctx);
         }
         self.report(ctx);
     }

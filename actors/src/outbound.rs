@@ -81,6 +81,9 @@ pub enum Outbound {
 
 /// Close code sent to a connection whose session was resumed elsewhere.
 pub const CLOSE_SUPERSEDED: u16 = 4001;
+/// Close code for a socket whose session's (or agent's) actor died: the
+/// client reconnects and resumes; storage holds the session.
+pub const CLOSE_RESTARTING: u16 = 1011;
 /// Close code for a client that stopped reading (its buffer filled up).
 pub const CLOSE_SLOW_CONSUMER: u16 = 1013;
 /// How long a replay waits for a client to make room before closing it.

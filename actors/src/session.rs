@@ -28,7 +28,7 @@ use crate::domain::{
     Mode, OpaqueJson, Party, ResumeToken, RtcKind, SessionId, Seq,
 };
 use crate::error::ActorError;
-use crate::outbound::{ConnHandle, Outbound, CLOSE_SUPERSEDED};
+use crate::outbound::{ConnHandle, Outbound, CLOSE_RESTARTING, CLOSE_SUPERSEDED};
 use crate::ports::{
     AppendBatch, NewEvent, QueueEntry, SessionChange, SessionRecord, SessionSnapshot, SessionStatus,
 };
@@ -206,10 +206,6 @@ impl SessionActor {
             stats: None,
             span,
         }
-    }
-
-    fn id(&self) -> &SessionId {
-        &self.record.id
     }
 
     /// Whether `agent_id` serves this session; if not, the refusal:
@@ -827,7 +823,26 @@ impl Actor for SessionActor {
     }
 
     fn stopped(&mut self, ctx: &mut Context<Self>) {
+        if std::thread::panicking() {
+            self.tell_sockets_to_resume();
+        }
         self.deps.registry.do_send(SessionGone { id: self.record.id.clone(), addr: ctx.address() });
+    }
+}
+
+impl SessionActor {
+    /// A handler panicked: actix stops the actor while the runtime unwinds
+    /// (dropping its context polls it to `stopped`, inside the runtime's
+    /// `catch_unwind`, hence `panicking()`). Its sockets are told at once to
+    /// resume: storage holds the session's truth, and the registry restores
+    /// it on the resume. Without this, a quiet client would wait on a dead
+    /// actor until it next sent something.
+    fn tell_sockets_to_resume(&self) {
+        let restarting = || Outbound::Close { code: CLOSE_RESTARTING, reason: "session restarting; resume" };
+        let agent_conns = self.agent.iter().flat_map(|l| l.conn.iter().chain(l.taking.iter().map(|(c, _)| c)));
+        for conn in self.customer.iter().chain(agent_conns) {
+            conn.push(restarting());
+        }
     }
 }
 
@@ -1265,15 +1280,17 @@ impl Handler<ServingAgent> for SessionActor {
 }
 
 /// Test-only: makes the actor's handler panic, to prove supervision.
+#[cfg(test)]
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Crash;
 
+#[cfg(test)]
 impl Handler<Crash> for SessionActor {
     type Result = ();
 
     #[allow(clippy::panic)]
     fn handle(&mut self, _: Crash, _ctx: &mut Context<Self>) {
-        panic!("crash requested for session {}", self.id());
+        panic!("crash requested for session {}", self.record.id);
     }
 }

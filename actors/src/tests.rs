@@ -116,6 +116,81 @@ async fn a_panicking_session_leaves_the_others_alone_and_comes_back_from_storage
     assert!(restored.is_some_and(|a| a.connected()), "the crashed session is restored from storage");
 }
 
+/// Waits (bounded) until a socket is told to close; returns the code.
+async fn close_code(inbox: &mut ConnInbox) -> u16 {
+    loop {
+        if let Outbound::Close { code, .. } = next(inbox).await {
+            return code;
+        }
+    }
+}
+
+/// A served session whose actor panics: both sockets are told at once to
+/// resume (1011) instead of waiting on a dead actor; a frame the agent sent
+/// meanwhile gets `unavailable`, not silence; both resume the restored
+/// session and the conversation carries on without a gap.
+#[actix::test]
+async fn a_served_session_that_panics_is_resumed_by_both_sides() {
+    use crate::agent::{AgentActor, AgentRequest, AttachAgentConn, FromAgentConn, TakeTarget};
+    use crate::domain::{now_ms, AgentInfo, AgentKind, EventBody};
+    use crate::session::{AgentCmd, AttachCustomer};
+
+    let store = Arc::new(MemoryEventStore::new());
+    let deps = deps(store.clone());
+    let (conn, mut inbox) = ConnHandle::channel(1, 64);
+    let join = JoinRequest { name: Arc::from("Bob"), topic: Arc::from("support"), mode: Mode::Human };
+    let (id, addr) = SessionActor::open(deps.clone(), join, conn.clone(), Some(cref(1)));
+    let mut token = None;
+    while token.is_none() {
+        if let Outbound::Event(e) = next(&mut inbox).await {
+            if let EventBody::Session { resume_token, .. } = &e.body {
+                token = resume_token.clone();
+            }
+        }
+    }
+    assert_eq!(answer(&mut inbox, 1).await, Ok(Some(1)));
+
+    let info = AgentInfo { id: Arc::from("a1"), name: Arc::from("A"), kind: AgentKind::Human };
+    let (agent_conn, mut agent_inbox) = ConnHandle::channel(2, 64);
+    let agent = AgentActor::new(deps.clone(), info, agent_conn.clone()).start();
+    let request = |conn: &ConnHandle, req| FromAgentConn { conn: conn.clone(), req, received_at_ms: now_ms() };
+    let take = AgentRequest::Take { target: TakeTarget::Session(id.clone()), client_ref: Some(cref(7)) };
+    agent.do_send(request(&agent_conn, take));
+    assert_eq!(answer(&mut agent_inbox, 7).await, Ok(Some(2)), "taken: assigned is seq 2");
+
+    addr.do_send(Crash);
+    assert_eq!(close_code(&mut inbox).await, 1011, "the customer is told to resume");
+    assert_eq!(close_code(&mut agent_inbox).await, 1011, "the agent is told to resume");
+    let lost_say = AgentRequest::InSession { session_id: id.clone(), cmd: AgentCmd::Say { text: Arc::from("lost?"), client_ref: Some(cref(8)) } };
+    agent.do_send(request(&agent_conn, lost_say));
+    assert!(matches!(answer(&mut agent_inbox, 8).await, Err(ActorError::Unavailable { .. })), "a frame for the dead session is answered");
+
+    // The agent reconnects and resumes: the session comes back from storage.
+    let (agent_conn, mut agent_inbox) = ConnHandle::channel(3, 64);
+    agent.do_send(AttachAgentConn { conn: agent_conn.clone() });
+    let resume = AgentRequest::Resume { session_id: id.clone(), last_seq: 2, client_ref: Some(cref(9)) };
+    agent.do_send(request(&agent_conn, resume));
+    assert_eq!(answer(&mut agent_inbox, 9).await, Ok(None), "the agent's resume is acked");
+
+    // So does the customer; its next message reaches the agent at seq 3.
+    let restored = deps.registry.send(FindSession { id: id.clone() }).await.expect("registry answers").expect("restored");
+    let (conn, mut inbox) = ConnHandle::channel(4, 64);
+    let resume_token = Arc::from(token.expect("live session event carries the token").as_ref());
+    restored.do_send(AttachCustomer { conn: conn.clone(), resume_token, last_seq: 2, client_ref: Some(cref(10)) });
+    assert_eq!(answer(&mut inbox, 10).await, Ok(None));
+    restored.do_send(say(&conn, 11));
+    assert_eq!(answer(&mut inbox, 11).await, Ok(Some(3)));
+    loop {
+        if let Outbound::Event(e) = next(&mut agent_inbox).await {
+            if e.seq == 3 {
+                assert_eq!(e.body.type_name(), "message");
+                break;
+            }
+            assert!(e.seq < 3, "nothing after the message: {}", e.seq);
+        }
+    }
+}
+
 /// `take`: the taking agent's socket gets the stored session, `assigned`
 /// last, then the ack, then live events; a take whose `assigned` is not
 /// stored shows nothing of the session.

@@ -9,7 +9,7 @@ use actix::Addr;
 use duet_actors::agent::{AgentConnClosed, AgentRequest, FromAgentConn};
 use duet_actors::domain::{now_ms, ClientRef};
 use duet_actors::error::ActorError;
-use duet_actors::outbound::{ConnHandle, Outbound};
+use duet_actors::outbound::{ConnHandle, Outbound, CLOSE_RESTARTING};
 use duet_actors::AgentActor;
 
 use super::conn::Role;
@@ -51,7 +51,7 @@ impl Role for AgentRole {
                             retry_after_ms: 100,
                         }));
                     }
-                    self.handle.push(Outbound::Close { code: 1011, reason: "agent state restarting; reconnect" });
+                    self.handle.push(Outbound::Close { code: CLOSE_RESTARTING, reason: "agent state restarting; reconnect" });
                     return;
                 }
                 self.agent.do_send(FromAgentConn { conn: self.handle.clone(), req, received_at_ms: now_ms() });

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use actix::Addr;
 use duet_actors::domain::{ClientRef, EventBody, Mode, SessionId};
 use duet_actors::error::{ActorError, RETRY_AFTER_MS};
-use duet_actors::outbound::{ConnHandle, Outbound};
+use duet_actors::outbound::{ConnHandle, Outbound, CLOSE_RESTARTING};
 use duet_actors::registry::FindSession;
 use duet_actors::session::{AttachCustomer, CustomerCmd, CustomerDetached, FromCustomer, SessionActor};
 
@@ -123,7 +123,7 @@ impl CustomerRole {
                 if r.is_some() {
                     Self::err(out, r.as_ref(), ActorError::Unavailable { message: "session restarting; resume", retry_after_ms: 100 });
                 }
-                self.handle.push(Outbound::Close { code: 1011, reason: "session restarting; resume" });
+                self.handle.push(Outbound::Close { code: CLOSE_RESTARTING, reason: "session restarting; resume" });
             }
             None => {
                 if r.is_some() {

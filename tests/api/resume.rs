@@ -601,6 +601,40 @@ async fn agent_lost_after_grace_puts_customer_back_at_the_head() {
     assert_eq!(stored[2]["from"], "system");
 }
 
+/// "No resume within DUET_AGENT_GRACE_S": an agent that signs in again but
+/// does not resume its session receives nothing of it, so the grace period
+/// runs on; whether its old socket was lost first or is replaced by the new
+/// one. Then the customer is back at the head of the queue, and the agent's
+/// new socket is free to take again.
+#[tokio::test]
+async fn an_agent_that_reconnects_without_resuming_loses_its_customer_after_the_grace() {
+    let app = TestApp::spawn_with(grace(1)).await;
+    for lost_first in [true, false] {
+        let agent_id = if lost_first { "ann" } else { "bea" };
+        let Served { agent: a0, agent_token, cust, .. } = served(&app, agent_id, "Bob").await;
+        let Joined { client: mut x, session_id: xid, .. } = cust;
+        let mut a0 = if lost_first {
+            a0.drop_connection();
+            None
+        } else {
+            Some(a0)
+        };
+        let mut a1 = app.agent_with_token(&agent_token).await;
+        if let Some(old) = a0.as_mut() {
+            assert_eq!(old.wait_closed(Duration::from_secs(5)).await, Some(4001), "the old socket is replaced");
+        }
+        let queue = x.wait_type("queue").await;
+        assert_eq!(queue["position"], 1, "back at the head ({agent_id}): {queue}");
+        let e = send_with_ref(&mut a1, json!({"type":"say","session_id":xid,"text":"still here?"}), "late").await;
+        assert_eq!(e["code"], "forbidden", "no longer served by {agent_id}: {e}");
+        assert_eq!(a1.request(json!({"type":"available"})).await["type"], "ack");
+        let t = a1.request(json!({"type":"take","topic":"support"})).await;
+        assert_eq!(t["session_id"], xid.as_str(), "the agent may take again: {t}");
+        let e = send_with_ref(&mut a1, json!({"type":"end","session_id":xid}), "end").await;
+        assert_eq!(e["type"], "ack", "{e}");
+    }
+}
+
 /// `queue.waiting` is the queue's length (PROTOCOL.md). A customer put back
 /// at the head while another waits must never be told that one waits.
 #[tokio::test]
