@@ -16,7 +16,7 @@ use actix_web::{web, App};
 use duet_actors::error::ActorError;
 use duet_actors::ports::{AppendBatch, EventStore, PortFuture, SessionSnapshot};
 use duet_actors::queue::MemoryQueue;
-use duet_actors::registry::Recover;
+use duet_actors::registry::{NodeDeps, Recover};
 use duet_actors::settings::{Deps, Settings};
 use duet_actors::RegistryActor;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -189,7 +189,7 @@ pub async fn build_state(config: Config, db: Database) -> anyhow::Result<Arc<App
         Ok(Err(e)) => anyhow::bail!("could not recover open sessions from the database: {e}"),
         Err(e) => anyhow::bail!("registry did not answer: {e}"),
     }
-    let deps = Deps::new(store, queue, registry, settings);
+    let deps = registry.send(NodeDeps).await.map_err(|e| anyhow::anyhow!("registry did not answer: {e}"))?;
     let limits = Limits::new(config.rate_limits);
     // The log fallback exists in development only (PROTOCOL.md).
     let notifier: Box<dyn Notifier> = if config.is_production() { Box::new(NoDelivery) } else { Box::new(LogNotifier) };

@@ -11,6 +11,7 @@
 //! - [`agent::AgentActor`]: one per signed-in agent; serves one customer.
 //! - [`registry::RegistryActor`]: one per node; finds, restores and recovers
 //!   sessions, hands out customers, pushes queue positions and the dashboard.
+//! - [`eta::EtaModel`]: the estimated wait in `queue` frames, one formula.
 //! - [`outbound`]: the bounded, ordered path from an actor to a socket.
 //! - [`memory_store::MemoryEventStore`]: the event log in process (tests,
 //!   embeddings without a database).
@@ -20,6 +21,7 @@
 pub mod agent;
 pub mod domain;
 pub mod error;
+pub mod eta;
 pub mod memory_store;
 pub mod outbound;
 pub mod ports;

@@ -14,6 +14,11 @@ use parking_lot::Mutex;
 use crate::domain::{now_ms, SessionId};
 use crate::ports::{PortFuture, QueueEntry, QueueStore, TakeNext, TakeOutcome, TopicQueue, TAKE_RACE_SLACK_MS};
 
+/// Topics kept while empty (so `/metrics` shows their zero) before the
+/// empty ones are dropped: clients name topics, and a client naming a new
+/// one per join must not grow the node without bound.
+const EMPTY_TOPICS_KEPT: usize = 256;
+
 #[derive(Default)]
 pub struct MemoryQueue {
     queues: Mutex<Queues>,
@@ -25,9 +30,29 @@ struct Queues {
     /// When each topic last had a customer taken (ms, wall clock): a take
     /// that finds the topic empty compares its own instant with it.
     last_taken_ms: HashMap<Arc<str>, i64>,
+    /// Prune when this many topics are known (grows with the topics that
+    /// have customers, so pruning stays rare whatever their number).
+    prune_at: usize,
 }
 
 impl Queues {
+    /// The queue of `topic`, made if new (then perhaps pruning empty ones).
+    fn topic(&mut self, topic: &Arc<str>) -> &mut VecDeque<QueueEntry> {
+        if !self.waiting.contains_key(topic) && self.waiting.len() >= self.prune_at.max(EMPTY_TOPICS_KEPT) {
+            self.prune();
+        }
+        self.waiting.entry(topic.clone()).or_default()
+    }
+
+    /// Drops empty topics, and take instants too old to decide a race (with
+    /// room for a take that was read a while before it reached the queue).
+    fn prune(&mut self) {
+        self.waiting.retain(|_, q| !q.is_empty());
+        let recent = now_ms() - 10 * TAKE_RACE_SLACK_MS;
+        self.last_taken_ms.retain(|_, t| *t >= recent);
+        self.prune_at = 2 * self.waiting.len();
+    }
+
     /// Takes `session_id` out of `topic`'s queue, if it waits there.
     fn remove(&mut self, topic: &str, session_id: &SessionId) -> Option<QueueEntry> {
         let q = self.waiting.get_mut(topic)?;
@@ -55,7 +80,7 @@ fn done<T: Send + 'static>(v: T) -> PortFuture<T> {
 impl QueueStore for MemoryQueue {
     fn push_back(&self, entry: QueueEntry) -> PortFuture<(usize, usize)> {
         let mut queues = self.queues.lock();
-        let q = queues.waiting.entry(entry.topic.clone()).or_default();
+        let q = queues.topic(&entry.topic);
         // Idempotent: a session already waiting keeps its place.
         if let Some(i) = q.iter().position(|e| e.session_id == entry.session_id) {
             return done((i + 1, q.len()));
@@ -66,7 +91,7 @@ impl QueueStore for MemoryQueue {
 
     fn push_front(&self, entry: QueueEntry) -> PortFuture<usize> {
         let mut queues = self.queues.lock();
-        let q = queues.waiting.entry(entry.topic.clone()).or_default();
+        let q = queues.topic(&entry.topic);
         q.retain(|e| e.session_id != entry.session_id);
         q.push_front(entry);
         done(q.len())
@@ -148,6 +173,22 @@ mod tests {
         assert_eq!(taken(&q), "b");
         assert_eq!(block(q.take_next("support", asked)), TakeNext::JustTaken, "asked before b was taken: a lost race");
         assert_eq!(block(q.take_next("sales", asked)), TakeNext::Empty, "nobody was ever there");
+    }
+
+    #[test]
+    fn empty_topics_do_not_pile_up() {
+        let q = MemoryQueue::new();
+        block(q.push_back(entry("waits")));
+        for i in 0..10 * EMPTY_TOPICS_KEPT {
+            let mut e = entry(&format!("s{i}"));
+            e.topic = Arc::from(format!("topic-{i}"));
+            block(q.push_back(e.clone()));
+            assert!(block(q.remove(&e.topic, &e.session_id)));
+        }
+        let known = q.queues.lock().waiting.len();
+        assert!(known <= EMPTY_TOPICS_KEPT + 1, "{known} topics kept");
+        let all = block(q.snapshot());
+        assert!(all.iter().any(|t| &*t.topic == "support" && t.waiting.len() == 1), "a waiting customer is never dropped");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::agent::{AgentActor, AttachAgentConn, PushDashboard, TakeTarget};
 use crate::domain::{now_ms, AgentId, AgentInfo, SessionId};
+use crate::eta::EtaModel;
 use crate::error::ActorError;
 use crate::outbound::{ConnHandle, Outbound};
 use crate::ports::{QueueStore, SessionSnapshot, SessionStatus, TakeNext, TakeOutcome, TopicQueue};
@@ -57,8 +58,8 @@ pub struct RegistryActor {
     restoring: HashMap<SessionId, Vec<oneshot::Sender<Option<Addr<SessionActor>>>>>,
     dirty_topics: HashSet<Arc<str>>,
     dashboard_dirty: bool,
-    /// Moving average of handle time per topic, in seconds.
-    handle_s: HashMap<Arc<str>, f64>,
+    /// The estimated waits, shared with every session through [`Deps`].
+    eta: Arc<EtaModel>,
     last_queues: Vec<TopicQueue>,
     dashboard: Arc<Dashboard>,
     pushing: bool,
@@ -69,6 +70,7 @@ pub struct RegistryActor {
 impl RegistryActor {
     pub fn new(store: Arc<dyn crate::ports::EventStore>, queue: Arc<dyn QueueStore>, settings: Arc<Settings>) -> RegistryActor {
         RegistryActor {
+            eta: Arc::new(EtaModel::new(settings.initial_handle_time)),
             store,
             queue,
             settings,
@@ -77,7 +79,6 @@ impl RegistryActor {
             restoring: HashMap::new(),
             dirty_topics: HashSet::new(),
             dashboard_dirty: true,
-            handle_s: HashMap::new(),
             last_queues: Vec::new(),
             dashboard: Arc::new(Dashboard::default()),
             pushing: false,
@@ -86,21 +87,24 @@ impl RegistryActor {
     }
 
     fn deps(&mut self, ctx: &Context<Self>) -> Deps {
-        let (store, queue, settings) = (&self.store, &self.queue, &self.settings);
-        self.deps.get_or_insert_with(|| Deps::new(store.clone(), queue.clone(), ctx.address(), settings.clone())).clone()
+        let (store, queue, settings, eta) = (&self.store, &self.queue, &self.settings, &self.eta);
+        self.deps
+            .get_or_insert_with(|| Deps::new(store.clone(), queue.clone(), ctx.address(), settings.clone(), eta.clone()))
+            .clone()
     }
 
-    fn agents_online(&self) -> usize {
-        self.agents
+    /// Counts the agents taking customers for the estimate; when that
+    /// changed, every waiting customer's `eta_s` moved and is pushed again.
+    fn agents_changed(&mut self) {
+        self.dashboard_dirty = true;
+        let taking = self
+            .agents
             .values()
             .filter(|a| matches!(a.view.status, AgentStatus::Available | AgentStatus::Busy))
-            .count()
-    }
-
-    fn eta_s(&self, topic: &str, position: usize) -> u64 {
-        let per = self.handle_s.get(topic).copied().unwrap_or(self.settings.initial_handle_time.as_secs_f64());
-        let agents = self.agents_online().max(1) as f64;
-        (position as f64 * per / agents).ceil() as u64
+            .count();
+        if self.eta.set_agents(taking) {
+            self.dirty_topics.extend(self.last_queues.iter().map(|q| q.topic.clone()));
+        }
     }
 
     /// A live session's actor, or the one brought back from storage.
@@ -173,7 +177,7 @@ impl RegistryActor {
                 let waiting = tq.waiting.len();
                 for (i, e) in tq.waiting.iter().enumerate() {
                     if let Some(s) = act.sessions.get(&e.session_id) {
-                        s.addr.do_send(QueuePosition { position: i + 1, waiting, eta_s: act.eta_s(&tq.topic, i + 1) });
+                        s.addr.do_send(QueuePosition { position: i + 1, waiting, eta_s: act.eta.eta_s(&tq.topic, i + 1) });
                     }
                 }
             }
@@ -197,7 +201,7 @@ impl RegistryActor {
                 let longest = q.waiting.iter().map(|e| (now - since(e.queued_at_ms)).max(0) / 1000).max().unwrap_or(0) as u64;
                 QueueView {
                     topic: q.topic.clone(),
-                    eta_s: self.eta_s(&q.topic, q.waiting.len() + 1),
+                    eta_s: self.eta.eta_s(&q.topic, q.waiting.len() + 1),
                     longest_wait_s: longest,
                     waiting: q
                         .waiting
@@ -306,11 +310,7 @@ impl Handler<SessionFinished> for RegistryActor {
 
     fn handle(&mut self, msg: SessionFinished, _ctx: &mut Context<Self>) {
         if let Some(ms) = msg.handle_ms {
-            // Exponential moving average, weight 0.2 for the newest session.
-            let s = (ms.max(0) as f64) / 1000.0;
-            let initial = self.settings.initial_handle_time.as_secs_f64();
-            let avg = self.handle_s.entry(msg.topic.clone()).or_insert(initial);
-            *avg = 0.8 * *avg + 0.2 * s;
+            self.eta.handled(&msg.topic, ms);
         }
         if let Some(e) = self.sessions.get_mut(&msg.id) {
             e.view = None;
@@ -388,7 +388,7 @@ impl Handler<AgentChanged> for RegistryActor {
 
     fn handle(&mut self, msg: AgentChanged, _ctx: &mut Context<Self>) {
         self.agents.insert(msg.view.id.clone(), AgentEntry { addr: msg.addr, view: msg.view });
-        self.dashboard_dirty = true;
+        self.agents_changed();
     }
 }
 
@@ -405,7 +405,7 @@ impl Handler<AgentGone> for RegistryActor {
     fn handle(&mut self, msg: AgentGone, _ctx: &mut Context<Self>) {
         if self.agents.get(&msg.id).is_some_and(|a| a.addr == msg.addr) {
             self.agents.remove(&msg.id);
-            self.dashboard_dirty = true;
+            self.agents_changed();
         }
     }
 }
@@ -493,6 +493,20 @@ impl Handler<TakeFromQueue> for RegistryActor {
                 res
             })
         }))
+    }
+}
+
+/// The ports and settings every actor of this node shares, for the code
+/// that starts sessions and agents (the upgrade routes).
+#[derive(Message)]
+#[rtype(result = "Deps")]
+pub struct NodeDeps;
+
+impl Handler<NodeDeps> for RegistryActor {
+    type Result = MessageResult<NodeDeps>;
+
+    fn handle(&mut self, _: NodeDeps, ctx: &mut Context<Self>) -> MessageResult<NodeDeps> {
+        MessageResult(self.deps(ctx))
     }
 }
 

@@ -572,7 +572,8 @@ impl SessionActor {
             match res {
                 Ok((position, waiting)) => {
                     act.deps.registry.do_send(TopicChanged { topic: act.record.topic.clone() });
-                    act.push_queue(position, waiting, None);
+                    let eta_s = act.deps.eta.eta_s(&act.record.topic, position);
+                    act.push_queue(position, waiting, eta_s);
                 }
                 Err(e) => warn!(error = %e, "could not enter the queue"),
             }
@@ -583,10 +584,7 @@ impl SessionActor {
         self.report(ctx);
     }
 
-    fn push_queue(&mut self, position: usize, waiting: usize, eta_s: Option<u64>) {
-        let eta_s = eta_s.unwrap_or_else(|| {
-            self.deps.settings.initial_handle_time.as_secs() * position as u64
-        });
+    fn push_queue(&mut self, position: usize, waiting: usize, eta_s: u64) {
         let now = (position, waiting, eta_s);
         if self.last_queue == Some(now) {
             return;
@@ -1046,7 +1044,7 @@ impl Handler<QueuePosition> for SessionActor {
 
     fn handle(&mut self, msg: QueuePosition, _ctx: &mut Context<Self>) {
         if let Phase::Waiting { .. } = self.phase {
-            self.push_queue(msg.position, msg.waiting, Some(msg.eta_s));
+            self.push_queue(msg.position, msg.waiting, msg.eta_s);
         }
     }
 }

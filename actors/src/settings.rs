@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use actix::Addr;
 
+use crate::eta::EtaModel;
 use crate::ports::{EventStore, QueueStore};
 use crate::registry::RegistryActor;
 
@@ -54,11 +55,20 @@ pub struct DepsInner {
     pub queue: Arc<dyn QueueStore>,
     pub registry: Addr<RegistryActor>,
     pub settings: Arc<Settings>,
+    pub eta: Arc<EtaModel>,
 }
 
 impl Deps {
-    pub fn new(store: Arc<dyn EventStore>, queue: Arc<dyn QueueStore>, registry: Addr<RegistryActor>, settings: Arc<Settings>) -> Deps {
-        Deps(Arc::new(DepsInner { store, queue, registry, settings }))
+    /// Built by the node's registry (its `NodeDeps` hands them out), so
+    /// every actor shares its one [`EtaModel`].
+    pub(crate) fn new(
+        store: Arc<dyn EventStore>,
+        queue: Arc<dyn QueueStore>,
+        registry: Addr<RegistryActor>,
+        settings: Arc<Settings>,
+        eta: Arc<EtaModel>,
+    ) -> Deps {
+        Deps(Arc::new(DepsInner { store, queue, registry, settings, eta }))
     }
 }
 

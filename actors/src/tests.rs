@@ -11,16 +11,17 @@ use crate::error::ActorError;
 use crate::memory_store::MemoryEventStore;
 use crate::outbound::{ConnHandle, ConnInbox, Outbound};
 use crate::queue::MemoryQueue;
-use crate::registry::FindSession;
+use crate::ports::EventStore;
+use crate::registry::{FindSession, NodeDeps};
 use crate::session::{Crash, CustomerCmd, FromCustomer, JoinRequest, SessionActor};
 use crate::settings::{Deps, Settings};
 use crate::RegistryActor;
 
-fn deps(store: Arc<MemoryEventStore>) -> Deps {
+async fn deps(store: Arc<dyn EventStore>) -> Deps {
     let settings = Arc::new(Settings::default());
     let queue = Arc::new(MemoryQueue::new());
-    let registry = RegistryActor::new(store.clone(), queue.clone(), settings.clone()).start();
-    Deps::new(store, queue, registry, settings)
+    let registry = RegistryActor::new(store, queue, settings).start();
+    registry.send(NodeDeps).await.expect("registry answers")
 }
 
 fn cref(n: u32) -> ClientRef {
@@ -62,7 +63,7 @@ fn say(conn: &ConnHandle, r: u32) -> FromCustomer {
 #[actix::test]
 async fn seqs_have_no_gaps_and_refs_are_stored_once() {
     let store = Arc::new(MemoryEventStore::new());
-    let deps = deps(store.clone());
+    let deps = deps(store.clone()).await;
     let (addr, conn, mut inbox, id) = joined(&deps, 1).await;
     addr.do_send(say(&conn, 2));
     addr.do_send(say(&conn, 3));
@@ -85,7 +86,7 @@ async fn seqs_have_no_gaps_and_refs_are_stored_once() {
 #[actix::test]
 async fn a_failed_batch_is_refused_and_its_seq_reused_without_a_gap() {
     let store = Arc::new(MemoryEventStore::new());
-    let deps = deps(store.clone());
+    let deps = deps(store.clone()).await;
     let (addr, conn, mut inbox, id) = joined(&deps, 1).await;
     store.fail_next(1);
     addr.do_send(say(&conn, 2));
@@ -99,7 +100,7 @@ async fn a_failed_batch_is_refused_and_its_seq_reused_without_a_gap() {
 #[actix::test]
 async fn a_panicking_session_leaves_the_others_alone_and_comes_back_from_storage() {
     let store = Arc::new(MemoryEventStore::new());
-    let deps = deps(store.clone());
+    let deps = deps(store.clone()).await;
     let (crashing, _c1, _i1, crashed_id) = joined(&deps, 1).await;
     let (other, conn, mut inbox, _) = joined(&deps, 2).await;
     crashing.do_send(Crash);
@@ -136,7 +137,7 @@ async fn a_served_session_that_panics_is_resumed_by_both_sides() {
     use crate::session::{AgentCmd, AttachCustomer};
 
     let store = Arc::new(MemoryEventStore::new());
-    let deps = deps(store.clone());
+    let deps = deps(store.clone()).await;
     let (conn, mut inbox) = ConnHandle::channel(1, 64);
     let join = JoinRequest { name: Arc::from("Bob"), topic: Arc::from("support"), mode: Mode::Human };
     let (id, addr) = SessionActor::open(deps.clone(), join, conn.clone(), Some(cref(1)));
@@ -255,7 +256,7 @@ mod take_history {
     #[actix::test]
     async fn an_assignment_stored_but_reported_failed_leaves_the_customer_takeable() {
         let store = AssignFaults::new(false, true);
-        let deps = deps_with(store.clone());
+        let deps = deps(store.clone()).await;
         let (addr, _conn, mut customer_inbox, _id) = joined(&deps, 1).await;
         let (agent_addr, agent_conn, _agent_inbox, info) = agent(&deps);
         let first = addr.send(Assign { agent: info.clone(), agent_addr: agent_addr.clone(), conn: agent_conn.clone(), client_ref: None }).await;
@@ -272,13 +273,6 @@ mod take_history {
             }
         }
         assert_eq!(kinds, ["2:assigned", "3:message", "4:assigned"], "{kinds:?}");
-    }
-
-    fn deps_with(store: Arc<dyn EventStore>) -> Deps {
-        let settings = Arc::new(Settings::default());
-        let queue = Arc::new(MemoryQueue::new());
-        let registry = RegistryActor::new(store.clone(), queue.clone(), settings.clone()).start();
-        Deps::new(store, queue, registry, settings)
     }
 
     fn agent(deps: &Deps) -> (Addr<AgentActor>, ConnHandle, ConnInbox, AgentInfo) {
@@ -308,7 +302,7 @@ mod take_history {
 
     #[actix::test]
     async fn a_customer_message_stored_during_the_take_comes_after_the_ack() {
-        let deps = deps(Arc::new(MemoryEventStore::new()));
+        let deps = deps(Arc::new(MemoryEventStore::new())).await;
         let (addr, conn, _inbox, _id) = joined(&deps, 1).await;
         let (agent_addr, agent_conn, mut agent_inbox, info) = agent(&deps);
         let taken = addr.send(Assign { agent: info, agent_addr, conn: agent_conn, client_ref: Some(cref(9)) });
@@ -322,7 +316,7 @@ mod take_history {
     #[actix::test]
     async fn a_take_whose_assigned_is_not_stored_shows_nothing() {
         let store = AssignFaults::new(true, false);
-        let deps = deps_with(store.clone());
+        let deps = deps(store.clone()).await;
         let (addr, conn, _inbox, _id) = joined(&deps, 1).await;
         let (agent_addr, agent_conn, mut agent_inbox, info) = agent(&deps);
         addr.do_send(say(&conn, 2)); // in flight when Assign arrives

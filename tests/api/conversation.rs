@@ -209,3 +209,35 @@ async fn the_taking_agent_reads_what_the_customer_wrote_while_waiting() {
     assert!(stream.iter().any(|v| v["text"] == "looking into it"), "{stream:?}");
     assert_eq!(stream.last().map(|v| (v["type"].clone(), v["agent"]["id"].clone())), Some((json!("assigned"), json!("second"))));
 }
+
+/// `eta_s` is position × handle time ÷ agents taking customers (180 s until
+/// a session of the topic ended): the first `queue`, the answer to `join`,
+/// already says so, and an agent going away moves every waiting customer's
+/// estimate at once.
+#[tokio::test]
+async fn eta_follows_the_position_and_the_agents_taking_customers() {
+    let app = TestApp::spawn().await;
+    let mut ann = app.agent("ann").await;
+    assert_eq!(ann.request(json!({"type":"available"})).await["type"], "ack");
+    let mut bea = app.agent("bea").await;
+    assert_eq!(bea.request(json!({"type":"available"})).await["type"], "ack");
+    // Both count once ann's dashboard shows them available.
+    ann.wait_for("two agents available", |v| {
+        v["type"] == "dashboard" && v["agents"].as_array().is_some_and(|a| a.iter().filter(|a| a["status"] == "available").count() == 2)
+    })
+    .await;
+
+    let mut first = app.customer().await;
+    first.send(json!({"type":"join","name":"Bob","topic":"support"})).await;
+    assert_eq!(first.wait_type("queue").await["eta_s"], 90, "1 × 180 s ÷ 2 agents");
+    let mut second = app.customer().await;
+    second.send(json!({"type":"join","name":"Cy","topic":"support"})).await;
+    assert_eq!(second.wait_type("queue").await["eta_s"], 180, "2 × 180 s ÷ 2 agents");
+
+    assert_eq!(bea.request(json!({"type":"away"})).await["type"], "ack");
+    // (Earlier frames may tell the first customer that a second waits.)
+    let q = first.wait_for("one agent left", |v| v["type"] == "queue" && v["eta_s"] != 90).await;
+    assert_eq!((q["position"].as_u64(), q["waiting"].as_u64(), q["eta_s"].as_u64()), (Some(1), Some(2), Some(180)), "{q}");
+    let q = second.wait_for("one agent left", |v| v["type"] == "queue" && v["eta_s"] != 180).await;
+    assert_eq!((q["position"].as_u64(), q["eta_s"].as_u64()), (Some(2), Some(360)), "{q}");
+}
