@@ -37,8 +37,9 @@ pub struct Metrics {
     pub store_failures: Counter,
     pub store_batch_events: Histogram,
     pub store_commit_seconds: Histogram,
-    /// From a client frame's arrival to its relay to the other side (after
-    /// the commit): duet's own share of message latency.
+    /// From a customer's `say` being read to its ack being written out
+    /// (after the commit; the relay to the agent is queued just before the
+    /// ack): duet's own share of message latency.
     pub relay_seconds: Histogram,
     pub queue_waiting: Family<TopicLabel, Gauge>,
     pub queue_longest_wait: Family<TopicLabel, Gauge>,
@@ -119,7 +120,7 @@ impl Metrics {
         registry.register("store_failures", "Group commits that failed", m.store_failures.clone());
         registry.register("store_batch_events", "Events per session batch", m.store_batch_events.clone());
         registry.register("store_commit_seconds", "From a batch handed to storage to its commit", m.store_commit_seconds.clone());
-        registry.register("relay_seconds", "Client frame in to event out to the other side", m.relay_seconds.clone());
+        registry.register("relay_seconds", "Customer say read to its ack written, stored and relayed in between", m.relay_seconds.clone());
         registry.register("queue_waiting", "Customers waiting, per topic", m.queue_waiting.clone());
         registry.register("queue_longest_wait_seconds", "Longest current wait, per topic", m.queue_longest_wait.clone());
         registry.register("sessions_live", "Session actors on this node", m.sessions_live.clone());
