@@ -177,19 +177,29 @@ fn settings(config: &Config) -> Settings {
     }
 }
 
+/// Why a node could not start, or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("could not recover open sessions from the database: {0}")]
+    Recover(ActorError),
+    #[error("the registry actor did not answer: {0}")]
+    Registry(#[from] actix::MailboxError),
+    #[error("could not listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("the HTTP server failed: {0}")]
+    Server(#[from] std::io::Error),
+}
+
 /// Starts the node's actors on the current actix system.
-pub async fn build_state(config: Config, db: Database) -> anyhow::Result<Arc<AppState>> {
+pub async fn build_state(config: Config, db: Database) -> Result<Arc<AppState>, StartError> {
     let metrics = Arc::new(Metrics::new());
     let store: Arc<dyn EventStore> = Arc::new(MeteredStore { inner: db.event_store(), metrics: metrics.clone() });
     let queue = Arc::new(MemoryQueue::new());
     let settings = Arc::new(settings(&config));
     let registry: Addr<RegistryActor> = RegistryActor::new(store.clone(), queue.clone(), settings.clone()).start();
-    match registry.send(Recover).await {
-        Ok(Ok(n)) => tracing::info!(sessions = n, "recovery done"),
-        Ok(Err(e)) => anyhow::bail!("could not recover open sessions from the database: {e}"),
-        Err(e) => anyhow::bail!("registry did not answer: {e}"),
-    }
-    let deps = registry.send(NodeDeps).await.map_err(|e| anyhow::anyhow!("registry did not answer: {e}"))?;
+    let recovered = registry.send(Recover).await?.map_err(StartError::Recover)?;
+    tracing::info!(sessions = recovered, "recovery done");
+    let deps = registry.send(NodeDeps).await?;
     let limits = Limits::new(config.rate_limits);
     // The log fallback exists in development only (PROTOCOL.md).
     let notifier: Box<dyn Notifier> = if config.is_production() { Box::new(NoDelivery) } else { Box::new(LogNotifier) };
@@ -255,8 +265,9 @@ fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 /// for life. Built from the same parts (actix-server, actix-http's
 /// `HttpService`, the actix-web `App`), plus the `upgrade` service that
 /// takes WebSocket streams over (src/ws/socket.rs says why).
-pub async fn serve(state: Arc<AppState>) -> anyhow::Result<()> {
-    let listener = listen(state.config.bind)?;
+pub async fn serve(state: Arc<AppState>) -> Result<(), StartError> {
+    let addr = state.config.bind;
+    let listener = listen(addr).map_err(|source| StartError::Listen { addr, source })?;
     let shown = listener.local_addr()?;
     let data = web::Data::from(state.clone());
     let factory_state = state.clone();

@@ -120,6 +120,8 @@ pub struct Config {
     pub admin_recheck: Duration,
     pub otp_ttl: Duration,
     pub log_format: LogFormat,
+    /// `RUST_LOG`: which log events are written (tracing's filter syntax).
+    pub log_filter: String,
     pub workers: usize,
 }
 
@@ -144,6 +146,10 @@ pub struct Providers {
     pub llm: Option<Provider>,
     pub tts: Option<Provider>,
 }
+
+/// What is logged when `RUST_LOG` is unset: duet's events, and only the
+/// HTTP server's warnings.
+const DEFAULT_LOG_FILTER: &str = "info,actix_server=warn,actix_web=warn";
 
 #[derive(Debug, Error)]
 #[error("invalid configuration:\n  {}", .0.join("\n  "))]
@@ -220,12 +226,21 @@ impl Reader<'_> {
         }
     }
 
-    fn secs(&mut self, name: &str, default: u64, min: u64, max: u64) -> Duration {
-        let v: u64 = self.parse(name, default, "a whole number of seconds");
-        if v < min || v > max {
-            self.problems.push(format!("{name}={v} must be between {min} and {max} seconds"));
+    /// A number in `range`; out of it is a problem naming the variable.
+    fn ranged<T>(&mut self, name: &str, default: T, what: &str, range: std::ops::RangeInclusive<T>) -> T
+    where
+        T: std::str::FromStr + PartialOrd + Copy + std::fmt::Display,
+    {
+        let v = self.parse(name, default, what);
+        if !range.contains(&v) {
+            self.problems.push(format!("{name}={v} must be between {} and {}", range.start(), range.end()));
+            return default;
         }
-        Duration::from_secs(v.clamp(min, max))
+        v
+    }
+
+    fn secs(&mut self, name: &str, default: u64, min: u64, max: u64) -> Duration {
+        Duration::from_secs(self.ranged(name, default, "a whole number of seconds", min..=max))
     }
 
     fn list(&self, name: &str) -> Vec<String> {
@@ -286,17 +301,14 @@ impl Config {
                 None => r.problems.push(format!("DUET_TRUSTED_PROXIES entry {p:?} is not an IP address or CIDR block")),
             }
         }
-        let max_message_bytes: usize = r.parse("DUET_MAX_MESSAGE_BYTES", 65536, "a number of bytes");
-        if !(256..=16 * 1024 * 1024).contains(&max_message_bytes) {
-            r.problems.push(format!("DUET_MAX_MESSAGE_BYTES={max_message_bytes} must be between 256 and 16777216"));
-        }
+        let max_message_bytes: usize = r.ranged("DUET_MAX_MESSAGE_BYTES", 65536, "a number of bytes", 256..=16 * 1024 * 1024);
         let heartbeat = r.secs("DUET_HEARTBEAT_S", 25, 1, 3600);
         let queue_enabled = r.bool("DUET_QUEUE_ENABLED", true);
         let metrics_token = r.raw("DUET_METRICS_TOKEN").map(|s| Secret(s.to_owned()));
         let rate_limits = r.bool("DUET_RATE_LIMITS", true);
         let agent_grace = r.secs("DUET_AGENT_GRACE_S", 20, 1, 86400);
         let customer_grace = r.secs("DUET_CUSTOMER_GRACE_S", 300, 1, 7 * 86400);
-        let ai_capacity: usize = r.parse("DUET_AI_CAPACITY", 50, "a number of sessions");
+        let ai_capacity: usize = r.ranged("DUET_AI_CAPACITY", 50, "a number of sessions", 0..=100_000);
         let providers = Providers {
             stt: r.provider("STT", false),
             llm: r.provider("LLM", false),
@@ -308,25 +320,13 @@ impl Config {
                 r.problems.push(format!("DUET_CONFIG={}: cannot read it ({e})", path.display()));
             }
         }
-        let outbox_frames: usize = r.parse("DUET_OUTBOX_FRAMES", 1024, "a number of frames");
-        if !(16..=1_000_000).contains(&outbox_frames) {
-            r.problems.push(format!("DUET_OUTBOX_FRAMES={outbox_frames} must be between 16 and 1000000"));
-        }
+        let outbox_frames: usize = r.ranged("DUET_OUTBOX_FRAMES", 1024, "a number of frames", 16..=1_000_000);
         let default_pool = if database_url.starts_with("postgres") { 8 } else { 4 };
-        let db_pool_size: u32 = r.parse("DUET_DB_POOL_SIZE", default_pool, "a number of connections");
-        if !(1..=256).contains(&db_pool_size) {
-            r.problems.push(format!("DUET_DB_POOL_SIZE={db_pool_size} must be between 1 and 256"));
-        }
-        let db_writers: usize = r.parse("DUET_DB_WRITERS", 3usize, "a number of writer threads");
-        if !(1..=16).contains(&db_writers) {
-            r.problems.push(format!("DUET_DB_WRITERS={db_writers} must be between 1 and 16"));
-        }
-        let db_timeout = Duration::from_millis(r.parse("DUET_DB_TIMEOUT_MS", 2000u64, "a number of milliseconds").clamp(100, 60_000));
+        let db_pool_size: u32 = r.ranged("DUET_DB_POOL_SIZE", default_pool, "a number of connections", 1..=256);
+        let db_writers: usize = r.ranged("DUET_DB_WRITERS", 3usize, "a number of writer threads", 1..=16);
+        let db_timeout = Duration::from_millis(r.ranged("DUET_DB_TIMEOUT_MS", 2000u64, "a number of milliseconds", 100..=60_000));
         let sqlite_sync = r.parse("DUET_SQLITE_SYNC", SqliteSync::default(), "normal or full");
-        let sqlite_cache_kib: u32 = r.parse("DUET_SQLITE_CACHE_KIB", crate::storage::SQLITE_CACHE_KIB_DEFAULT, "a number of KiB");
-        if !(100..=4 * 1024 * 1024).contains(&sqlite_cache_kib) {
-            r.problems.push(format!("DUET_SQLITE_CACHE_KIB={sqlite_cache_kib} must be between 100 and 4194304"));
-        }
+        let sqlite_cache_kib: u32 = r.ranged("DUET_SQLITE_CACHE_KIB", crate::storage::SQLITE_CACHE_KIB_DEFAULT, "a number of KiB", 100..=4 * 1024 * 1024);
         let admin_idle_ttl = r.secs("DUET_ADMIN_IDLE_S", 1800, 60, 30 * 86400);
         let admin_max_ttl = r.secs("DUET_ADMIN_MAX_S", 12 * 3600, 60, 90 * 86400);
         let admin_recheck = r.secs("DUET_ADMIN_RECHECK_S", 15, 1, 3600);
@@ -340,11 +340,19 @@ impl Config {
                 LogFormat::Text
             }
         };
-        let workers: usize = r.parse(
-            "DUET_WORKERS",
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
-            "a number of threads",
-        );
+        let log_filter = r.raw("RUST_LOG").unwrap_or(DEFAULT_LOG_FILTER).to_owned();
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_filter) {
+            r.problems.push(format!("RUST_LOG={log_filter:?} is not a log filter ({e})"));
+        }
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(256);
+        let workers: usize = r.ranged("DUET_WORKERS", cpus, "a number of threads", 1..=256);
+        if let Some(url) = r.raw("DUET_NOTIFY_WEBHOOK_URL") {
+            // Not echoed: a webhook URL often carries its secret.
+            let host = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
+            if host.is_none_or(|h| h.is_empty() || h.starts_with('/')) {
+                r.problems.push("DUET_NOTIFY_WEBHOOK_URL must be an http(s) URL".to_owned());
+            }
+        }
         if env == Env::Production {
             let notifier = r.raw("DUET_TELEGRAM_BOT_TOKEN").is_some() || r.raw("DUET_NOTIFY_WEBHOOK_URL").is_some();
             if !notifier {
@@ -388,7 +396,8 @@ impl Config {
             admin_recheck,
             otp_ttl,
             log_format,
-            workers: workers.clamp(1, 256),
+            log_filter,
+            workers,
         })
     }
 
@@ -444,10 +453,28 @@ mod tests {
             ("DUET_TRUSTED_PROXIES", "10.0.0.0/33"),
             ("DUET_SQLITE_SYNC", "sometimes"),
             ("DUET_SQLITE_CACHE_KIB", "5"),
+            ("DUET_DB_TIMEOUT_MS", "5"),
+            ("DUET_WORKERS", "0"),
+            ("DUET_AI_CAPACITY", "-1"),
+            ("DUET_NOTIFY_WEBHOOK_URL", "hooks.example.com/secret-path"),
+            ("RUST_LOG", "duet=loud"),
         ]))
         .expect_err("invalid");
         let all = e.to_string();
-        for name in ["DUET_BIND", "DUET_HEARTBEAT_S", "DUET_QUEUE_ENABLED", "DUET_TRUSTED_PROXIES", "DUET_SQLITE_SYNC", "DUET_SQLITE_CACHE_KIB"] {
+        assert!(!all.contains("secret-path"), "a webhook URL is not echoed: {all}");
+        for name in [
+            "DUET_BIND",
+            "DUET_HEARTBEAT_S",
+            "DUET_QUEUE_ENABLED",
+            "DUET_TRUSTED_PROXIES",
+            "DUET_SQLITE_SYNC",
+            "DUET_SQLITE_CACHE_KIB",
+            "DUET_DB_TIMEOUT_MS",
+            "DUET_WORKERS",
+            "DUET_AI_CAPACITY",
+            "DUET_NOTIFY_WEBHOOK_URL",
+            "RUST_LOG",
+        ] {
             assert!(all.contains(name), "{name} missing from {all}");
         }
     }

@@ -62,7 +62,7 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
-    telemetry::init(config.log_format);
+    telemetry::init(config.log_format, &config.log_filter);
     match command {
         Command::Serve => serve(config),
         Command::Migrate => {
@@ -106,7 +106,8 @@ fn serve(config: Config) -> anyhow::Result<()> {
             tracing::warn!("REDIS_URL is set, but cluster coordination is not built yet: this node runs with in-process coordination");
         }
         let state = app::build_state(config, db).await?;
-        app::serve(state).await
+        app::serve(state).await?;
+        Ok(())
     })
 }
 

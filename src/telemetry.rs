@@ -1,5 +1,5 @@
 //! Logging: JSON lines in production (and on request), text in development;
-//! the level from `RUST_LOG` (default `info`). Installed once, in `main`.
+//! the level from `RUST_LOG`, read by the config (default `info`). Installed once, in `main`.
 
 use std::io::IsTerminal;
 
@@ -7,8 +7,10 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,actix_server=warn,actix_web=warn"));
+/// `filter` was checked by the config (`RUST_LOG`); were it not valid,
+/// only warnings would be logged.
+pub fn init(format: LogFormat, filter: &str) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("warn"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let res = match format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init(),
