@@ -23,17 +23,51 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 /// Strict CSP: no inline script or style anywhere.
 const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self' ws: wss:; media-src 'self' blob:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'";
 
+/// What is wrong with a JSON body, in the client's terms: serde's own
+/// message names duet's Rust types ("expected struct OtpVerify"), which is
+/// internal detail (PROTOCOL.md: none in bodies).
+fn json_problem(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => {
+            format!("the body is not valid JSON (line {}, column {})", e.line(), e.column())
+        }
+        Category::Data => {
+            let text = e.to_string();
+            match text.strip_prefix("missing field `").and_then(|rest| rest.split_once('`')) {
+                Some((field, _)) => format!("missing field {field}"),
+                None => "the body must be a JSON object with this endpoint's fields".to_owned(),
+            }
+        }
+    }
+}
+
 pub fn configure(cfg: &mut web::ServiceConfig) {
     let json = web::JsonConfig::default().limit(BODY_LIMIT).error_handler(|err, _req| {
         let e = match &err {
             actix_web::error::JsonPayloadError::Overflow { .. } | actix_web::error::JsonPayloadError::OverflowKnownLength { .. } => HttpError::TooLarge,
             actix_web::error::JsonPayloadError::ContentType => HttpError::BadRequest("the body must be JSON (Content-Type: application/json)".to_owned()),
-            other => HttpError::BadRequest(format!("invalid JSON body: {other}")),
+            actix_web::error::JsonPayloadError::Deserialize(e) => HttpError::BadRequest(json_problem(e)),
+            _ => HttpError::BadRequest("the body could not be read".to_owned()),
         };
         actix_web::Error::from(e)
     });
-    let query = web::QueryConfig::default().error_handler(|err, _req| HttpError::BadRequest(format!("invalid query: {err}")).into());
-    let path = web::PathConfig::default().error_handler(|err, _req| HttpError::BadRequest(format!("invalid path: {err}")).into());
+    // serde_urlencoded's and the path's messages name the parameter and the
+    // problem; actix's wrappers around them add only their own type names.
+    let query = web::QueryConfig::default().error_handler(|err, _req| {
+        let detail = match &err {
+            actix_web::error::QueryPayloadError::Deserialize(e) => e.to_string(),
+            _ => "unreadable".to_owned(),
+        };
+        HttpError::BadRequest(format!("invalid query: {detail}")).into()
+    });
+    let path = web::PathConfig::default().error_handler(|err, _req| {
+        let detail = match &err {
+            actix_web::error::PathError::Deserialize(e) => e.to_string(),
+            _ => "unreadable".to_owned(),
+        };
+        HttpError::BadRequest(format!("invalid path: {detail}")).into()
+    });
     cfg.app_data(json).app_data(query).app_data(path).service(
         web::scope("")
             .wrap(
@@ -133,4 +167,31 @@ async fn cors(req: ServiceRequest, next: Next<impl MessageBody + 'static>) -> Re
         }
     }
     Ok(res.map_into_left_body())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_problem;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Internal {
+        admin_id: String,
+        code: String,
+    }
+
+    fn problem(body: &str) -> String {
+        json_problem(&serde_json::from_str::<Internal>(body).expect_err("invalid"))
+    }
+
+    #[test]
+    fn json_problems_name_no_rust_type() {
+        assert_eq!(problem(r#"{"admin_id":"a"}"#), "missing field code");
+        assert_eq!(problem("{\"admin_id\":"), "the body is not valid JSON (line 1, column 12)");
+        for body in ["[1]", "\"str\"", "7", r#"{"admin_id":1,"code":"x"}"#] {
+            let p = problem(body);
+            assert!(!p.contains("Internal") && !p.contains("struct"), "{body}: {p}");
+            assert!(p.contains("JSON object"), "{body}: {p}");
+        }
+    }
 }
