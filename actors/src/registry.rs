@@ -19,7 +19,7 @@ use crate::eta::EtaModel;
 use crate::error::ActorError;
 use crate::outbound::{ConnHandle, Outbound};
 use crate::ports::{QueueStore, SessionSnapshot, SessionStatus, TakeNext, TakeOutcome, TopicQueue};
-use crate::session::{QueuePosition, SessionActor};
+use crate::session::{HasEnded, QueuePosition, SessionActor};
 use crate::settings::{Deps, Settings};
 use crate::views::{AgentStatus, AgentView, Dashboard, NodeView, QueueView, SessionView, WaitingView};
 
@@ -433,9 +433,12 @@ impl Handler<TakeFromQueue> for RegistryActor {
     fn handle(&mut self, msg: TakeFromQueue, _ctx: &mut Context<Self>) -> Self::Result {
         let queue = self.queue.clone();
         let store = self.store.clone();
-        let known_topic = match &msg.target {
-            TakeTarget::Session(id) => self.sessions.get(id).map(|e| e.topic.clone()),
-            TakeTarget::NextIn(_) => None,
+        let (known_topic, live) = match &msg.target {
+            TakeTarget::Session(id) => match self.sessions.get(id) {
+                Some(e) => (Some(e.topic.clone()), Some(e.addr.clone())),
+                None => (None, None),
+            },
+            TakeTarget::NextIn(_) => (None, None),
         };
         let fut = async move {
             match msg.target {
@@ -457,10 +460,22 @@ impl Handler<TakeFromQueue> for RegistryActor {
                         TakeOutcome::Taken(e) => Ok(Ok(e.session_id)),
                         // Not waiting: taken by another agent, unless it
                         // ended (it lingers in the registry a while).
-                        TakeOutcome::NotWaiting => match store.load_session(&id).await? {
-                            Some(s) if has_ended(&s) => Ok(Err(TAKE_ENDED)),
-                            _ => Ok(Err(ActorError::Conflict("another agent has taken this customer"))),
-                        },
+                        // Its live actor knows best: a `leave` it handled
+                        // has taken the customer out of the queue before
+                        // `ended` is stored.
+                        TakeOutcome::NotWaiting => {
+                            let ended = match live.filter(|a| a.connected()) {
+                                Some(addr) => addr.send(HasEnded).await.unwrap_or(false),
+                                None => false,
+                            };
+                            if ended {
+                                return Ok(Err(TAKE_ENDED));
+                            }
+                            match store.load_session(&id).await? {
+                                Some(s) if has_ended(&s) => Ok(Err(TAKE_ENDED)),
+                                _ => Ok(Err(ActorError::Conflict("another agent has taken this customer"))),
+                            }
+                        }
                     }
                 }
             }

@@ -1261,6 +1261,21 @@ impl Handler<AgentLost> for SessionActor {
     }
 }
 
+/// Whether the session has ended, or is ending: asked after a `take` found
+/// the customer no longer waiting, it is answered after any `leave` that
+/// reached the session first (the phase changes before `ended` is stored).
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct HasEnded;
+
+impl Handler<HasEnded> for SessionActor {
+    type Result = bool;
+
+    fn handle(&mut self, _: HasEnded, _ctx: &mut Context<Self>) -> bool {
+        self.phase == Phase::Ended
+    }
+}
+
 /// Asks who serves this session (used by an agent resuming after a restart).
 #[derive(Message)]
 #[rtype(result = "Option<AgentId>")]

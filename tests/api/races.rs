@@ -226,3 +226,35 @@ async fn an_agent_that_reads_ended_takes_the_next_customer_at_once() {
         served = next;
     }
 }
+
+/// A customer's `leave` and an agent's `take` of that session, sent
+/// together: either the take wins (`ack`, and `assigned` is in the stream)
+/// or the session ended first and the take is `not_found`, never
+/// `conflict`, which says another agent got the customer. Round after
+/// round, on PostgreSQL (whose slower commit leaves `ended` unstored
+/// longest).
+#[tokio::test]
+async fn a_take_racing_the_customers_leave_is_won_or_not_found() {
+    let app = TestApp::spawn_on(Backend::Postgres).await;
+    let mut agent = app.agent("leave-racer").await;
+    assert_eq!(agent.request(json!({"type":"available"})).await["type"], "ack");
+    let mut customer = app.customer().await;
+    let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
+    for round in 0..20 {
+        let sid = join_on(&mut customer, &format!("Leaver {round}"), "leaving").await;
+        let leave = customer.send_ref(json!({"type":"leave"})).await;
+        let take = agent.send_ref(json!({"type":"take","session_id":sid})).await;
+        let taken = agent.reply(json!(take)).await;
+        let left = customer.reply(json!(leave)).await;
+        assert_eq!(left["type"], "ack", "round {round}: the customer may always leave: {left}");
+        let outcome = if taken["type"] == "ack" { "taken".to_owned() } else { taken["code"].as_str().unwrap_or("?").to_owned() };
+        assert!(outcome == "taken" || outcome == "not_found", "round {round}: {taken}");
+        *outcomes.entry(outcome).or_default() += 1;
+        customer.wait_for("ended", |v| v["type"] == "ended" && v["session_id"] == sid.as_str()).await;
+        if taken["type"] == "ack" {
+            // The agent served it until the customer left: free again.
+            agent.wait_for("ended", |v| v["type"] == "ended" && v["session_id"] == sid.as_str()).await;
+        }
+    }
+    eprintln!("take racing leave: {outcomes:?}");
+}
