@@ -24,6 +24,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use crate::auth::{LogNotifier, NoDelivery, Notifier};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::notify::WebhookNotifier;
 use crate::storage::{Database, DbOptions};
 
 /// Everything a request handler or socket needs, shared by all workers.
@@ -186,6 +187,8 @@ pub enum StartError {
     Registry(#[from] actix::MailboxError),
     #[error("could not listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("could not build the webhook client: {0}")]
+    Notifier(reqwest::Error),
     #[error("the HTTP server failed: {0}")]
     Server(#[from] std::io::Error),
 }
@@ -202,7 +205,14 @@ pub async fn build_state(config: Config, db: Database) -> Result<Arc<AppState>, 
     let deps = registry.send(NodeDeps).await?;
     let limits = Limits::new(config.rate_limits);
     // The log fallback exists in development only (PROTOCOL.md).
-    let notifier: Box<dyn Notifier> = if config.is_production() { Box::new(NoDelivery) } else { Box::new(LogNotifier) };
+    let notifier: Box<dyn Notifier> = match &config.notify_webhook {
+        Some(url) => Box::new(WebhookNotifier::new(url.expose(), metrics.notify_failures.clone()).map_err(StartError::Notifier)?),
+        None if config.is_production() => {
+            tracing::warn!("Telegram delivery of one-time codes is not built yet: set DUET_NOTIFY_WEBHOOK_URL; until then admins sign in with `duet admin token`");
+            Box::new(NoDelivery)
+        }
+        None => Box::new(LogNotifier),
+    };
     let state = Arc::new(AppState {
         config,
         db,

@@ -66,8 +66,9 @@ pub fn agent_info(admin: &AdminRow) -> AgentInfo {
 
 /// Where one-time codes go.
 pub trait Notifier: Send + Sync {
-    /// Hands the code over for delivery; `false` when it cannot be sent.
-    fn send_code(&self, admin: &AdminRow, code: &str) -> bool;
+    /// Hands the code (valid until `expires_at`, RFC 3339) over for
+    /// delivery; `false` when it cannot be sent.
+    fn send_code(&self, admin: &AdminRow, code: &str, expires_at: &str) -> bool;
     /// Whether codes can be delivered at all (asked before looking the admin
     /// up, so the answer is the same for known and unknown ids).
     fn can_deliver(&self) -> bool {
@@ -81,19 +82,20 @@ pub trait Notifier: Send + Sync {
 pub struct LogNotifier;
 
 impl Notifier for LogNotifier {
-    fn send_code(&self, admin: &AdminRow, code: &str) -> bool {
+    fn send_code(&self, admin: &AdminRow, code: &str, _expires_at: &str) -> bool {
         tracing::info!(admin_id = %admin.id, code = %code, "one-time code (development: no notifier configured)");
         true
     }
 }
 
-/// Production until durable delivery (Telegram, webhook through the job
-/// queue) lands: codes are never logged, so none can be sent; admins sign in
-/// with `duet admin token`. The request answers `unavailable`.
+/// Production with only `DUET_TELEGRAM_BOT_TOKEN` (Telegram delivery is not
+/// built yet): codes are never logged in production, so none can be sent;
+/// admins sign in with `duet admin token`. The request answers
+/// `unavailable`.
 pub struct NoDelivery;
 
 impl Notifier for NoDelivery {
-    fn send_code(&self, admin: &AdminRow, _code: &str) -> bool {
+    fn send_code(&self, admin: &AdminRow, _code: &str, _expires_at: &str) -> bool {
         tracing::warn!(admin_id = %admin.id, "one-time code requested, but code delivery is not available yet");
         false
     }

@@ -86,6 +86,8 @@ pub struct Config {
     pub env: Env,
     pub database_url: String,
     pub redis_url: Option<Secret>,
+    /// Where one-time codes are posted (`DUET_NOTIFY_WEBHOOK_URL`).
+    pub notify_webhook: Option<Secret>,
     pub allowed_origins: Vec<String>,
     pub trusted_proxies: Vec<IpNet>,
     pub max_message_bytes: usize,
@@ -346,6 +348,8 @@ impl Config {
         }
         let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(256);
         let workers: usize = r.ranged("DUET_WORKERS", cpus, "a number of threads", 1..=256);
+        let notify_webhook = r.raw("DUET_NOTIFY_WEBHOOK_URL").map(|s| Secret(s.to_owned()));
+        let telegram_configured = r.raw("DUET_TELEGRAM_BOT_TOKEN").is_some();
         if let Some(url) = r.raw("DUET_NOTIFY_WEBHOOK_URL") {
             // Not echoed: a webhook URL often carries its secret.
             let host = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
@@ -354,7 +358,7 @@ impl Config {
             }
         }
         if env == Env::Production {
-            let notifier = r.raw("DUET_TELEGRAM_BOT_TOKEN").is_some() || r.raw("DUET_NOTIFY_WEBHOOK_URL").is_some();
+            let notifier = telegram_configured || notify_webhook.is_some();
             if !notifier {
                 r.problems.push(
                     "production needs a notifier for one-time codes: set DUET_TELEGRAM_BOT_TOKEN or DUET_NOTIFY_WEBHOOK_URL (codes are never logged in production)".to_owned(),
@@ -373,6 +377,7 @@ impl Config {
             env,
             database_url,
             redis_url,
+            notify_webhook,
             allowed_origins,
             trusted_proxies,
             max_message_bytes,

@@ -14,6 +14,7 @@ mod auth;
 mod config;
 mod http;
 mod metrics;
+mod notify;
 mod protocol;
 mod storage;
 mod telemetry;

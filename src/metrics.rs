@@ -62,6 +62,8 @@ pub struct Metrics {
     pub db_wal_syncs: Gauge,
     pub otp_requests: Counter,
     pub otp_failures: Counter,
+    /// One-time codes the notifier gave up on.
+    pub notify_failures: Counter,
 }
 
 impl Metrics {
@@ -100,6 +102,7 @@ impl Metrics {
             db_wal_checkpoint: Gauge::default(),
             db_wal_syncs: Gauge::default(),
             otp_requests: Counter::default(),
+            notify_failures: Counter::default(),
             otp_failures: Counter::default(),
             registry: Registry::default(),
         };
@@ -159,6 +162,7 @@ impl Metrics {
             m.db_wal_checkpoint.clone(),
         );
         registry.register("otp_requests", "One-time codes requested", m.otp_requests.clone());
+        registry.register("notify_failures", "One-time codes the notifier could not deliver", m.notify_failures.clone());
         registry.register("otp_failures", "One-time codes refused", m.otp_failures.clone());
         Metrics { registry, ..m }
     }

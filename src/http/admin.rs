@@ -46,7 +46,7 @@ pub async fn otp_request(req: HttpRequest, body: web::Json<OtpRequest>, state: w
         let code = auth::new_code();
         let expires = now_ms() + state.config.otp_ttl.as_millis() as i64;
         state.db.store_otp(&admin.id, &duet_actors::domain::hash_secret(&code), expires).await?;
-        if !state.notifier.send_code(&admin, &code) {
+        if !state.notifier.send_code(&admin, &code, &rfc3339_ms(expires)) {
             return Err(HttpError::Unavailable { message: "one-time codes cannot be delivered right now", retry_after_ms: 60_000 });
         }
         let _ = state.db.audit(&admin.id, "otp_requested", "").await;

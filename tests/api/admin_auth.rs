@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 
-use crate::support::{eventually, join, Client, Options, TestApp};
+use crate::support::{eventually, join, Client, Options, TestApp, WebhookSink};
 
 async fn post(app: &TestApp, path: &str, body: &Value) -> reqwest::Response {
     app.http.post(format!("{}{path}", app.base)).json(body).send().await.expect("http post")
@@ -416,13 +416,54 @@ async fn security_headers_on_pages() {
     }
 }
 
+/// Production delivers codes through `DUET_NOTIFY_WEBHOOK_URL` (a first
+/// answer of 503 is retried) and never logs them; an unknown admin gets the
+/// same 202 and nothing is posted; the delivered code signs in, with the
+/// `__Host-` cookie.
 #[tokio::test]
-async fn production_never_logs_a_code_and_says_delivery_is_unavailable() {
+async fn production_delivers_codes_through_the_webhook_and_never_logs_them() {
+    let sink = WebhookSink::start(&[503]).await;
     let app = TestApp::spawn_with(Options {
         env: vec![
             ("DUET_ENV", "production".to_owned()),
             ("DUET_ALLOWED_ORIGINS", "https://app.example".to_owned()),
-            ("DUET_NOTIFY_WEBHOOK_URL", "http://127.0.0.1:9/codes".to_owned()),
+            ("DUET_NOTIFY_WEBHOOK_URL", sink.url.clone()),
+        ],
+        ..Options::default()
+    })
+    .await;
+    add_admin(&app, "prod-admin");
+    for id in ["nobody-here", "prod-admin"] {
+        let (status, _, body) = answer(post(&app, "/admin/otp/request", &json!({ "admin_id": id })).await).await;
+        assert_eq!(status, 202, "{id}: {body}");
+    }
+    let posts = sink.wait_for(2).await;
+    assert!(posts.iter().all(|p| p["admin_id"] == "prod-admin" && p["event"] == "admin_code"), "{posts:?}");
+    let code = posts[1]["code"].as_str().expect("code").to_owned();
+    assert_eq!(posts[0]["code"], code.as_str(), "the retry posts the same code");
+    assert!(posts[1]["text"].as_str().is_some_and(|t| t.contains(&code)), "{posts:?}");
+    let expires = rfc3339_secs(posts[1]["expires_at"].as_str().expect("expires_at"));
+    assert!((expires - now_secs() - 300).abs() <= 5, "the code's TTL: {posts:?}");
+    assert!(logged_codes(&app, "prod-admin").is_empty(), "no code in the log: {}", app.logs());
+    assert!(!app.logs().contains(&code), "the code is nowhere in the log");
+
+    let r = post(&app, "/admin/otp/verify", &json!({"admin_id":"prod-admin","code":code})).await;
+    assert_eq!(r.status(), 200);
+    let cookie = r.headers().get_all("set-cookie").iter().filter_map(|v| v.to_str().ok()).find(|c| c.starts_with("__Host-duet_session="));
+    assert!(cookie.is_some_and(|c| c.contains("Secure") && c.contains("Path=/")), "{:?}", r.headers());
+    assert_eq!(sink.received().len(), 2, "nothing more was posted");
+}
+
+/// Production with only a Telegram token (its delivery is not built yet):
+/// no code is logged, the request says delivery is unavailable, and
+/// `duet admin token` still lets the operator in.
+#[tokio::test]
+async fn production_without_delivery_never_logs_a_code_and_says_so() {
+    let app = TestApp::spawn_with(Options {
+        env: vec![
+            ("DUET_ENV", "production".to_owned()),
+            ("DUET_ALLOWED_ORIGINS", "https://app.example".to_owned()),
+            ("DUET_TELEGRAM_BOT_TOKEN", "123:abc".to_owned()),
         ],
         ..Options::default()
     })
@@ -435,7 +476,6 @@ async fn production_never_logs_a_code_and_says_delivery_is_unavailable() {
         assert_error(&body, "unavailable");
     }
     assert!(logged_codes(&app, "prod-admin").is_empty(), "no code in the log: {}", app.logs());
-    // The operator's way in still works.
     let token = app.admin_token("prod-admin");
     assert_eq!(queues_status(&app, &[("Authorization", &format!("Bearer {token}"))]).await.0, 200);
 }

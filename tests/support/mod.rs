@@ -483,3 +483,86 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A webhook receiver on loopback, answering as a chat service's incoming
+/// webhook does: it records every JSON body posted to it and answers each
+/// request with the next of the given statuses, then 200.
+pub struct WebhookSink {
+    pub url: String,
+    received: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl WebhookSink {
+    pub async fn start(statuses: &[u16]) -> WebhookSink {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/hooks/duet-codes", listener.local_addr().expect("addr"));
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let statuses = std::sync::Arc::new(std::sync::Mutex::new(VecDeque::from(statuses.to_vec())));
+        let rec = received.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                tokio::spawn(serve_webhook(sock, rec.clone(), statuses.clone()));
+            }
+        });
+        WebhookSink { url, received, task }
+    }
+
+    pub fn received(&self) -> Vec<Value> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Waits (with the deadline) until `n` bodies were posted.
+    pub async fn wait_for(&self, n: usize) -> Vec<Value> {
+        eventually(&format!("{n} webhook posts"), || async move {
+            let got = self.received();
+            (got.len() >= n).then_some(got)
+        })
+        .await
+    }
+}
+
+impl Drop for WebhookSink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One connection of the sink: HTTP/1.1 requests with a Content-Length.
+async fn serve_webhook(
+    mut sock: TcpStream,
+    received: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    statuses: std::sync::Arc<std::sync::Mutex<VecDeque<u16>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            match sock.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let len = head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse::<usize>().ok()).unwrap_or(0);
+        while buf.len() < head_end + len {
+            match sock.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body: Vec<u8> = buf.drain(..head_end + len).skip(head_end).collect();
+        if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+            received.lock().unwrap().push(v);
+        }
+        let status = statuses.lock().unwrap().pop_front().unwrap_or(200);
+        let answer = format!("HTTP/1.1 {status} Whatever\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok");
+        if sock.write_all(answer.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
