@@ -310,9 +310,37 @@ impl WsSocket {
             };
             if let Some(mut s) = owned {
                 let _ = s.shutdown().await;
+                // Boxed: its timer and buffer are part of no idle socket.
+                Box::pin(linger(&mut s)).await;
             }
         }
     }
+}
+
+/// How long a closed socket keeps reading what the client still sends.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+/// How much it reads at most before it lets go anyway.
+const LINGER_BYTES: usize = 1024 * 1024;
+
+/// Reads and drops what the client still sends after our close frame,
+/// until it closes too (bounded in time and bytes). Closing a socket with
+/// unread input makes the kernel answer with a reset, and a reset makes
+/// the client's kernel drop what it had received and not yet read: a
+/// client that sent a burst would lose our last answers and the close
+/// frame itself (seen: 1006 instead of 1008 after a flood).
+async fn linger(stream: &mut TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut total = 0;
+    let _ = tokio::time::timeout(LINGER, async {
+        while total <= LINGER_BYTES {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
 }
 
 /// `write_all` through `&TcpStream` (the stream may be shared): waits for

@@ -706,6 +706,29 @@ async fn a_flood_is_rate_limited_above_the_floor() {
     }
 }
 
+/// A flood that goes on is closed with 1008, and the client reads every
+/// answer it was due and the close frame itself: the server drains what the
+/// client still sends after closing, so no reset makes the client's kernel
+/// drop them (it did: 1006 and none of the answers, now and then).
+#[tokio::test]
+async fn a_flood_that_goes_on_is_closed_and_the_client_reads_everything_first() {
+    let app = TestApp::spawn().await;
+    for round in 0..3 {
+        let mut c = app.customer().await;
+        let n = 20_000u64;
+        let pings: Vec<Value> = (0..n).map(|i| json!({"type":"ping","ref":i})).collect();
+        c.send_all(&pings).await;
+        let code = c.wait_closed(DEADLINE).await;
+        assert_eq!(code, Some(1008), "round {round}: closed with a close frame");
+        let answered: Vec<u64> = c.buffered.iter().filter(|v| is_answer(v)).filter_map(|v| v["ref"].as_u64()).collect();
+        assert!(answered.len() >= 600, "round {round}: {} answers before the close", answered.len());
+        let expected: Vec<u64> = (0..answered.len() as u64).collect();
+        assert_eq!(answered, expected, "round {round}: one answer per frame, in order, up to the close");
+        let kinds: Vec<&Value> = c.buffered.iter().filter(|v| is_answer(v)).map(|v| &v["type"]).take(200).collect();
+        assert!(kinds.iter().all(|t| *t == "ack"), "round {round}: the floor's burst is served");
+    }
+}
+
 #[tokio::test]
 async fn rate_limits_off_lets_a_flood_through() {
     let app = TestApp::spawn_with(app_env(&[("DUET_RATE_LIMITS", "off")])).await;
