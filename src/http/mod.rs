@@ -43,10 +43,13 @@ fn json_problem(e: &serde_json::Error) -> String {
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    let json = web::JsonConfig::default().limit(BODY_LIMIT).error_handler(|err, _req| {
+    // Bodies are read as JSON whatever their Content-Type says (scripts
+    // often send none, or curl's form type). Safe: the only cookie-authed
+    // POST (logout) has a SameSite=Strict cookie, so no other site's form
+    // can make one.
+    let json = web::JsonConfig::default().limit(BODY_LIMIT).content_type_required(false).error_handler(|err, _req| {
         let e = match &err {
             actix_web::error::JsonPayloadError::Overflow { .. } | actix_web::error::JsonPayloadError::OverflowKnownLength { .. } => HttpError::TooLarge,
-            actix_web::error::JsonPayloadError::ContentType => HttpError::BadRequest("the body must be JSON (Content-Type: application/json)".to_owned()),
             actix_web::error::JsonPayloadError::Deserialize(e) => HttpError::BadRequest(json_problem(e)),
             _ => HttpError::BadRequest("the body could not be read".to_owned()),
         };

@@ -333,6 +333,12 @@ async fn request_bodies_json_errors_and_limits() {
             assert_error(&body, "bad_request");
         }
     }
+    // A body is read as JSON whatever its Content-Type says (none, curl's).
+    let body = json!({"admin_id":"x"}).to_string();
+    let r = app.http.post(format!("{}/admin/otp/request", app.base)).body(body.clone()).send().await.expect("post");
+    assert_eq!(r.status(), 202, "without Content-Type");
+    let form = app.http.post(format!("{}/admin/otp/request", app.base)).header("content-type", "application/x-www-form-urlencoded").body(body);
+    assert_eq!(form.send().await.expect("post").status(), 202, "curl -d's type");
     // Unknown route: JSON 404.
     let (status, _, body) = answer(app.get("/no/such/route", None).await).await;
     assert_eq!(status, 404);
