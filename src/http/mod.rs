@@ -30,13 +30,13 @@ fn json_problem(e: &serde_json::Error) -> String {
     use serde_json::error::Category;
     match e.classify() {
         Category::Syntax | Category::Eof | Category::Io => {
-            format!("the body is not valid JSON (line {}, column {})", e.line(), e.column())
+            format!("the body is not valid JSON: line {}, column {}", e.line(), e.column())
         }
         Category::Data => {
             let text = e.to_string();
             match text.strip_prefix("missing field `").and_then(|rest| rest.split_once('`')) {
                 Some((field, _)) => format!("missing field {field}"),
-                None => "the body must be a JSON object with this endpoint's fields".to_owned(),
+                None => "the body must be an object with this endpoint's fields".to_owned(),
             }
         }
     }
@@ -190,11 +190,11 @@ mod tests {
     #[test]
     fn json_problems_name_no_rust_type() {
         assert_eq!(problem(r#"{"admin_id":"a"}"#), "missing field code");
-        assert_eq!(problem("{\"admin_id\":"), "the body is not valid JSON (line 1, column 12)");
+        assert_eq!(problem("{\"admin_id\":"), "the body is not valid JSON: line 1, column 12");
         for body in ["[1]", "\"str\"", "7", r#"{"admin_id":1,"code":"x"}"#] {
             let p = problem(body);
             assert!(!p.contains("Internal") && !p.contains("struct"), "{body}: {p}");
-            assert!(p.contains("JSON object"), "{body}: {p}");
+            assert!(p.contains("must be an object"), "{body}: {p}");
         }
     }
 }
