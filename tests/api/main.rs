@@ -15,3 +15,4 @@ mod resume;
 mod durability;
 mod admin_auth;
 mod browser;
+mod cli;

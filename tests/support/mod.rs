@@ -81,6 +81,16 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// Runs the binary's command line against this database, with nothing
+    /// else in its environment but `extra`.
+    pub fn cli(&self, args: &[&str], extra: &[(&str, &str)]) -> std::process::Output {
+        let mut c = Command::new(BIN);
+        c.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default()).env("DATABASE_URL", &self.url).current_dir(&self.dir);
+        c.envs(extra.iter().copied()).args(args).output().expect("duet cli runs")
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         if let Some(name) = &self.pg_name {
