@@ -2,7 +2,8 @@
 
 use serde_json::json;
 
-use crate::support::{join, Backend, TestApp};
+use crate::protocol_edges::metric;
+use crate::support::{eventually, join, Backend, TestApp};
 
 async fn whole_conversation(backend: Backend) {
     let app = TestApp::spawn_on(backend).await;
@@ -240,4 +241,46 @@ async fn eta_follows_the_position_and_the_agents_taking_customers() {
     assert_eq!((q["position"].as_u64(), q["waiting"].as_u64(), q["eta_s"].as_u64()), (Some(1), Some(2), Some(180)), "{q}");
     let q = second.wait_for("one agent left", |v| v["type"] == "queue" && v["eta_s"] != 180).await;
     assert_eq!((q["position"].as_u64(), q["eta_s"].as_u64()), (Some(2), Some(360)), "{q}");
+}
+
+/// `/metrics` follows a conversation: connections, live and served
+/// sessions, agents, queue length per topic, events stored and the relay
+/// histogram.
+#[tokio::test]
+async fn metrics_follow_a_conversation() {
+    let app = TestApp::spawn().await;
+    let at_least = |name: &'static str, want: f64| {
+        let app = &app;
+        async move {
+            eventually(&format!("{name} >= {want}"), || async move {
+                let v = metric(app, name).await;
+                (v >= want).then_some(v)
+            })
+            .await
+        }
+    };
+    let mut agent = app.agent("metrics-ann").await;
+    assert_eq!(agent.request(json!({"type":"available"})).await["type"], "ack");
+    let mut first = join(&app, "Bob", "metered").await;
+    let _second = join(&app, "Cy", "metered").await;
+    at_least("duet_connections{role=\"customer\"}", 2.0).await;
+    at_least("duet_connections{role=\"agent\"}", 1.0).await;
+    at_least("duet_sessions_live", 2.0).await;
+    at_least("duet_agents_available", 1.0).await;
+    at_least("duet_queue_waiting{topic=\"metered\"}", 2.0).await;
+
+    assert_eq!(agent.request(json!({"type":"take","topic":"metered"})).await["type"], "ack");
+    first.client.wait_type("assigned").await;
+    for i in 0..3 {
+        let a = first.client.request(json!({"type":"say","text":format!("hello {i}")})).await;
+        assert_eq!(a["type"], "ack", "{a}");
+    }
+    at_least("duet_sessions_served", 1.0).await;
+    at_least("duet_relay_seconds_count", 3.0).await;
+    // Two sessions, one assigned, three messages.
+    at_least("duet_events_stored_total", 6.0).await;
+    eventually("one left waiting", || async {
+        (metric(&app, "duet_queue_waiting{topic=\"metered\"}").await == 1.0).then_some(())
+    })
+    .await;
 }
