@@ -51,6 +51,10 @@ async fn whole_conversation(backend: Backend) {
     let t = agent.wait_type("typing").await;
     assert_eq!((t["from"].as_str(), t["on"].as_bool()), (Some("customer"), Some(true)));
     assert!(t.get("seq").is_none());
+    agent.send(json!({"type":"typing","session_id":first.session_id,"on":true})).await;
+    let t = first.client.wait_type("typing").await;
+    assert_eq!((t["from"].as_str(), t["on"].as_bool()), (Some("agent"), Some(true)));
+    assert!(t.get("seq").is_none());
 
     // WebRTC signaling is relayed in order and acked.
     for (i, kind) in ["offer", "ice", "ice", "restart"].iter().enumerate() {
