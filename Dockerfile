@@ -5,7 +5,7 @@
 # into a slim Debian image that runs as the non-root user `duet` (uid 10001).
 #   docker build -t duet .
 #   docker run -p 8080:8080 -v duet-data:/data duet            # SQLite in /data
-#   docker run --rm duet admin add alice --name Alice          # CLI subcommands
+#   docker run --rm -v duet-data:/data duet admin add alice --name Alice   # CLI, same database
 # Needs BuildKit (the default builder of current Docker) for the cache mounts.
 
 FROM rust:1-bookworm AS builder
