@@ -422,6 +422,19 @@ async fn security_headers_on_pages() {
     }
 }
 
+/// A production node with the notifier variable `notifier` set to `value`,
+/// and the admin `prod-admin`.
+async fn production_app(notifier: &'static str, value: String) -> TestApp {
+    let env = vec![
+        ("DUET_ENV", "production".to_owned()),
+        ("DUET_ALLOWED_ORIGINS", "https://app.example".to_owned()),
+        (notifier, value),
+    ];
+    let app = TestApp::spawn_with(Options { env, ..Options::default() }).await;
+    add_admin(&app, "prod-admin");
+    app
+}
+
 /// Production delivers codes through `DUET_NOTIFY_WEBHOOK_URL` (a first
 /// answer of 503 is retried) and never logs them; an unknown admin gets the
 /// same 202 and nothing is posted; the delivered code signs in, with the
@@ -429,16 +442,7 @@ async fn security_headers_on_pages() {
 #[tokio::test]
 async fn production_delivers_codes_through_the_webhook_and_never_logs_them() {
     let sink = WebhookSink::start(&[503]).await;
-    let app = TestApp::spawn_with(Options {
-        env: vec![
-            ("DUET_ENV", "production".to_owned()),
-            ("DUET_ALLOWED_ORIGINS", "https://app.example".to_owned()),
-            ("DUET_NOTIFY_WEBHOOK_URL", sink.url.clone()),
-        ],
-        ..Options::default()
-    })
-    .await;
-    add_admin(&app, "prod-admin");
+    let app = production_app("DUET_NOTIFY_WEBHOOK_URL", sink.url.clone()).await;
     for id in ["nobody-here", "prod-admin"] {
         let (status, _, body) = answer(post(&app, "/admin/otp/request", &json!({ "admin_id": id })).await).await;
         assert_eq!(status, 202, "{id}: {body}");
@@ -465,16 +469,7 @@ async fn production_delivers_codes_through_the_webhook_and_never_logs_them() {
 /// `duet admin token` still lets the operator in.
 #[tokio::test]
 async fn production_without_delivery_never_logs_a_code_and_says_so() {
-    let app = TestApp::spawn_with(Options {
-        env: vec![
-            ("DUET_ENV", "production".to_owned()),
-            ("DUET_ALLOWED_ORIGINS", "https://app.example".to_owned()),
-            ("DUET_TELEGRAM_BOT_TOKEN", "123:abc".to_owned()),
-        ],
-        ..Options::default()
-    })
-    .await;
-    add_admin(&app, "prod-admin");
+    let app = production_app("DUET_TELEGRAM_BOT_TOKEN", "123:abc".to_owned()).await;
     for id in ["prod-admin", "nobody-here"] {
         let (status, retry, body) = answer(post(&app, "/admin/otp/request", &json!({ "admin_id": id })).await).await;
         assert_eq!(status, 503, "{id}: {body}");
