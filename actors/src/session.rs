@@ -978,8 +978,11 @@ impl Handler<AttachCustomer> for SessionActor {
             None
         };
         if let Some(e) = refusal {
-            refuse(&msg.conn, msg.client_ref, e);
+            // The marker first: the socket lets go of this resume before the
+            // client reads the refusal, so what it sends on reading it goes
+            // to its own session (the other order raced, under load).
             msg.conn.push(Outbound::ResumeRefused { session_id: self.record.id.clone() });
+            refuse(&msg.conn, msg.client_ref, e);
             return;
         }
         if let Some(old) = self.customer.take() {
