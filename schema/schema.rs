@@ -38,6 +38,7 @@ diesel::table! {
         name -> Text,
         created_at_ms -> BigInt,
         disabled -> Bool,
+        telegram_chat_id -> Nullable<Text>,
     }
 }
 

@@ -21,10 +21,10 @@ use duet_actors::settings::{Deps, Settings};
 use duet_actors::RegistryActor;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
-use crate::auth::{LogNotifier, NoDelivery, Notifier};
+use crate::auth::{LogNotifier, Notifier};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::notify::WebhookNotifier;
+use crate::notify::HttpNotifier;
 use crate::storage::{Database, DbOptions};
 
 /// Everything a request handler or socket needs, shared by all workers.
@@ -204,14 +204,12 @@ pub async fn build_state(config: Config, db: Database) -> Result<Arc<AppState>, 
     tracing::info!(sessions = recovered, "recovery done");
     let deps = registry.send(NodeDeps).await?;
     let limits = Limits::new(config.rate_limits);
-    // The log fallback exists in development only (PROTOCOL.md).
-    let notifier: Box<dyn Notifier> = match &config.notify_webhook {
-        Some(url) => Box::new(WebhookNotifier::new(url.expose(), metrics.notify_failures.clone()).map_err(StartError::Notifier)?),
-        None if config.is_production() => {
-            tracing::warn!("Telegram delivery of one-time codes is not built yet: set DUET_NOTIFY_WEBHOOK_URL; until then admins sign in with `duet admin token`");
-            Box::new(NoDelivery)
-        }
-        None => Box::new(LogNotifier),
+    let notifier: Box<dyn Notifier> = if config.notify_webhook.is_some() || config.telegram.is_some() {
+        let webhook = config.notify_webhook.as_ref().map(|u| u.expose());
+        Box::new(HttpNotifier::new(webhook, config.telegram.as_ref(), metrics.notify_failures.clone()).map_err(StartError::Notifier)?)
+    } else {
+        // Development only: production without a notifier is refused at start.
+        Box::new(LogNotifier)
     };
     let state = Arc::new(AppState {
         config,

@@ -67,13 +67,10 @@ pub fn agent_info(admin: &AdminRow) -> AgentInfo {
 /// Where one-time codes go.
 pub trait Notifier: Send + Sync {
     /// Hands the code (valid until `expires_at`, RFC 3339) over for
-    /// delivery; `false` when it cannot be sent.
-    fn send_code(&self, admin: &AdminRow, code: &str, expires_at: &str) -> bool;
-    /// Whether codes can be delivered at all (asked before looking the admin
-    /// up, so the answer is the same for known and unknown ids).
-    fn can_deliver(&self) -> bool {
-        true
-    }
+    /// delivery. It returns at once whatever becomes of it (the answer takes
+    /// the same time for known and unknown admins); a notifier logs and
+    /// counts what it could not deliver.
+    fn send_code(&self, admin: &AdminRow, code: &str, expires_at: &str);
 }
 
 /// Development only (refused in production by `Config::validate`): the code
@@ -82,26 +79,8 @@ pub trait Notifier: Send + Sync {
 pub struct LogNotifier;
 
 impl Notifier for LogNotifier {
-    fn send_code(&self, admin: &AdminRow, code: &str, _expires_at: &str) -> bool {
+    fn send_code(&self, admin: &AdminRow, code: &str, _expires_at: &str) {
         tracing::info!(admin_id = %admin.id, code = %code, "one-time code (development: no notifier configured)");
-        true
-    }
-}
-
-/// Production with only `DUET_TELEGRAM_BOT_TOKEN` (Telegram delivery is not
-/// built yet): codes are never logged in production, so none can be sent;
-/// admins sign in with `duet admin token`. The request answers
-/// `unavailable`.
-pub struct NoDelivery;
-
-impl Notifier for NoDelivery {
-    fn send_code(&self, admin: &AdminRow, _code: &str, _expires_at: &str) -> bool {
-        tracing::warn!(admin_id = %admin.id, "one-time code requested, but code delivery is not available yet");
-        false
-    }
-
-    fn can_deliver(&self) -> bool {
-        false
     }
 }
 

@@ -88,6 +88,8 @@ pub struct Config {
     pub redis_url: Option<Secret>,
     /// Where one-time codes are posted (`DUET_NOTIFY_WEBHOOK_URL`).
     pub notify_webhook: Option<Secret>,
+    /// The bot that sends one-time codes through Telegram.
+    pub telegram: Option<Telegram>,
     pub allowed_origins: Vec<String>,
     pub trusted_proxies: Vec<IpNet>,
     pub max_message_bytes: usize,
@@ -149,6 +151,14 @@ pub struct Providers {
     pub tts: Option<Provider>,
 }
 
+/// The Telegram bot of `DUET_TELEGRAM_BOT_TOKEN`, and the Bot API it calls
+/// (`DUET_TELEGRAM_API_URL`, default Telegram's own).
+#[derive(Clone, Debug)]
+pub struct Telegram {
+    pub token: Secret,
+    pub api_url: String,
+}
+
 /// What is logged when `RUST_LOG` is unset: duet's events, and only the
 /// HTTP server's warnings.
 const DEFAULT_LOG_FILTER: &str = "info,actix_server=warn,actix_web=warn";
@@ -156,6 +166,12 @@ const DEFAULT_LOG_FILTER: &str = "info,actix_server=warn,actix_web=warn";
 #[derive(Debug, Error)]
 #[error("invalid configuration:\n  {}", .0.join("\n  "))]
 pub struct ConfigError(pub Vec<String>);
+
+/// An `http://` or `https://` URL with a host.
+fn is_http_url(url: &str) -> bool {
+    let host = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
+    host.is_some_and(|h| !h.is_empty() && !h.starts_with('/'))
+}
 
 /// Reads variables from a map, collecting problems instead of stopping at
 /// the first.
@@ -349,16 +365,20 @@ impl Config {
         let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(256);
         let workers: usize = r.ranged("DUET_WORKERS", cpus, "a number of threads", 1..=256);
         let notify_webhook = r.raw("DUET_NOTIFY_WEBHOOK_URL").map(|s| Secret(s.to_owned()));
-        let telegram_configured = r.raw("DUET_TELEGRAM_BOT_TOKEN").is_some();
-        if let Some(url) = r.raw("DUET_NOTIFY_WEBHOOK_URL") {
+        if notify_webhook.as_ref().is_some_and(|u| !is_http_url(u.expose())) {
             // Not echoed: a webhook URL often carries its secret.
-            let host = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
-            if host.is_none_or(|h| h.is_empty() || h.starts_with('/')) {
-                r.problems.push("DUET_NOTIFY_WEBHOOK_URL must be an http(s) URL".to_owned());
-            }
+            r.problems.push("DUET_NOTIFY_WEBHOOK_URL must be an http(s) URL".to_owned());
+        }
+        let telegram_api = r.string("DUET_TELEGRAM_API_URL", "https://api.telegram.org").trim_end_matches('/').to_owned();
+        if !is_http_url(&telegram_api) {
+            r.problems.push(format!("DUET_TELEGRAM_API_URL={telegram_api:?} must be an http(s) URL"));
+        }
+        let telegram = r.raw("DUET_TELEGRAM_BOT_TOKEN").map(|t| Telegram { token: Secret(t.to_owned()), api_url: telegram_api });
+        if telegram.as_ref().is_some_and(|t| t.token.expose().contains(['/', '?', '#', ' '])) {
+            r.problems.push("DUET_TELEGRAM_BOT_TOKEN is not a bot token (like 123456:ABC-DEF…)".to_owned());
         }
         if env == Env::Production {
-            let notifier = telegram_configured || notify_webhook.is_some();
+            let notifier = telegram.is_some() || notify_webhook.is_some();
             if !notifier {
                 r.problems.push(
                     "production needs a notifier for one-time codes: set DUET_TELEGRAM_BOT_TOKEN or DUET_NOTIFY_WEBHOOK_URL (codes are never logged in production)".to_owned(),
@@ -378,6 +398,7 @@ impl Config {
             database_url,
             redis_url,
             notify_webhook,
+            telegram,
             allowed_origins,
             trusted_proxies,
             max_message_bytes,

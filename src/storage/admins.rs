@@ -31,6 +31,8 @@ pub struct AdminRow {
     pub name: String,
     pub created_at_ms: i64,
     pub disabled: bool,
+    /// Where Telegram delivers this admin's one-time codes.
+    pub telegram_chat_id: Option<String>,
 }
 
 /// One admin login. `Debug` leaves out the token hash.
@@ -122,14 +124,21 @@ struct LockoutRow {
 
 type Q<T> = QueryResult<T>;
 
-fn add_admin(c: &mut DbConn, id: &str, name: &str, now: i64) -> Q<AdminRow> {
-    per_backend!(c, c => diesel::insert_into(admins::table)
-        .values((admins::id.eq(id), admins::name.eq(name), admins::created_at_ms.eq(now), admins::disabled.eq(false)))
-        .on_conflict(admins::id)
-        .do_update()
-        .set((admins::name.eq(name), admins::disabled.eq(false)))
-        .execute(c))?;
-    get_admin(c, id)?.ok_or(diesel::result::Error::NotFound)
+/// Adds (or renames and enables) an admin; `telegram`, when given, is where
+/// its codes go (an admin added again without it keeps its chat).
+fn add_admin(c: &mut DbConn, id: &str, name: &str, telegram: Option<&str>, now: i64) -> Q<AdminRow> {
+    c.write_transaction(|c| {
+        per_backend!(c, c => diesel::insert_into(admins::table)
+            .values((admins::id.eq(id), admins::name.eq(name), admins::created_at_ms.eq(now), admins::disabled.eq(false)))
+            .on_conflict(admins::id)
+            .do_update()
+            .set((admins::name.eq(name), admins::disabled.eq(false)))
+            .execute(c))?;
+        if let Some(chat) = telegram {
+            diesel::update(admins::table.find(id)).set(admins::telegram_chat_id.eq(Some(chat))).execute(c)?;
+        }
+        get_admin(c, id)?.ok_or(diesel::result::Error::NotFound)
+    })
 }
 
 /// Disables the admin and revokes every login of theirs; `false` when no
@@ -380,11 +389,11 @@ impl Database {
     )]
     pub async fn add_admin(&self, id: &str, name: &str) -> Result<AdminRow, StorageError> {
         let (id, name) = (id.to_owned(), name.to_owned());
-        self.run(move |c| add_admin(c, &id, &name, now_ms())).await
+        self.run(move |c| add_admin(c, &id, &name, None, now_ms())).await
     }
 
-    pub fn add_admin_sync(&self, id: &str, name: &str) -> Result<AdminRow, StorageError> {
-        self.run_sync(|c| add_admin(c, id, name, now_ms()))
+    pub fn add_admin_sync(&self, id: &str, name: &str, telegram: Option<&str>) -> Result<AdminRow, StorageError> {
+        self.run_sync(|c| add_admin(c, id, name, telegram, now_ms()))
     }
 
     /// `duet admin disable`: see [`disable_admin`].

@@ -4,6 +4,7 @@
 
 use serde_json::{json, Value};
 
+use crate::protocol_edges::metric;
 use crate::support::{eventually, join, Client, Options, TestApp, WebhookSink};
 
 async fn post(app: &TestApp, path: &str, body: &Value) -> reqwest::Response {
@@ -422,16 +423,14 @@ async fn security_headers_on_pages() {
     }
 }
 
-/// A production node with the notifier variable `notifier` set to `value`,
-/// and the admin `prod-admin`.
-async fn production_app(notifier: &'static str, value: String) -> TestApp {
-    let env = vec![
-        ("DUET_ENV", "production".to_owned()),
-        ("DUET_ALLOWED_ORIGINS", "https://app.example".to_owned()),
-        (notifier, value),
-    ];
+/// A production node with the notifier variables `notifier`, and the admin
+/// `prod-admin` added with `admin_args`.
+async fn production_app(notifier: &[(&'static str, String)], admin_args: &[&str]) -> TestApp {
+    let mut env = vec![("DUET_ENV", "production".to_owned()), ("DUET_ALLOWED_ORIGINS", "https://app.example".to_owned())];
+    env.extend(notifier.iter().cloned());
     let app = TestApp::spawn_with(Options { env, ..Options::default() }).await;
-    add_admin(&app, "prod-admin");
+    let out = app.cli(&[&["admin", "add", "prod-admin", "--name", "Prod Admin"], admin_args].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     app
 }
 
@@ -442,7 +441,7 @@ async fn production_app(notifier: &'static str, value: String) -> TestApp {
 #[tokio::test]
 async fn production_delivers_codes_through_the_webhook_and_never_logs_them() {
     let sink = WebhookSink::start(&[503]).await;
-    let app = production_app("DUET_NOTIFY_WEBHOOK_URL", sink.url.clone()).await;
+    let app = production_app(&[("DUET_NOTIFY_WEBHOOK_URL", sink.url.clone())], &[]).await;
     for id in ["nobody-here", "prod-admin"] {
         let (status, _, body) = answer(post(&app, "/admin/otp/request", &json!({ "admin_id": id })).await).await;
         assert_eq!(status, 202, "{id}: {body}");
@@ -464,21 +463,37 @@ async fn production_delivers_codes_through_the_webhook_and_never_logs_them() {
     assert_eq!(sink.received().len(), 2, "nothing more was posted");
 }
 
-/// Production with only a Telegram token (its delivery is not built yet):
-/// no code is logged, the request says delivery is unavailable, and
-/// `duet admin token` still lets the operator in.
+/// Production with Telegram: the code goes to the admin's chat through the
+/// Bot API's `sendMessage` (a loopback server answering for Telegram; a
+/// first 429 is retried), and signs in; an admin without a chat gets the
+/// same 202, nothing is sent, and the failure is counted.
 #[tokio::test]
-async fn production_without_delivery_never_logs_a_code_and_says_so() {
-    let app = production_app("DUET_TELEGRAM_BOT_TOKEN", "123:abc".to_owned()).await;
-    for id in ["prod-admin", "nobody-here"] {
-        let (status, retry, body) = answer(post(&app, "/admin/otp/request", &json!({ "admin_id": id })).await).await;
-        assert_eq!(status, 503, "{id}: {body}");
-        assert!(retry.is_some(), "{id}: Retry-After");
-        assert_error(&body, "unavailable");
+async fn production_delivers_codes_through_telegram() {
+    let telegram = WebhookSink::start(&[429]).await;
+    let env = [("DUET_TELEGRAM_BOT_TOKEN", "123456:TEST-token".to_owned()), ("DUET_TELEGRAM_API_URL", telegram.base.clone())];
+    let app = production_app(&env, &["--telegram", "-100200300"]).await;
+    add_admin(&app, "no-chat");
+    for id in ["no-chat", "prod-admin"] {
+        let (status, _, body) = answer(post(&app, "/admin/otp/request", &json!({ "admin_id": id })).await).await;
+        assert_eq!(status, 202, "{id}: {body}");
     }
-    assert!(logged_codes(&app, "prod-admin").is_empty(), "no code in the log: {}", app.logs());
-    let token = app.admin_token("prod-admin");
-    assert_eq!(queues_status(&app, &[("Authorization", &format!("Bearer {token}"))]).await.0, 200);
+    let posts = telegram.wait_for(2).await;
+    for p in &posts {
+        assert_eq!(p["_path"], "/bot123456:TEST-token/sendMessage", "{p}");
+        assert_eq!(p["chat_id"], "-100200300", "{p}");
+    }
+    let text = posts[1]["text"].as_str().expect("text");
+    let code: String = text.split_whitespace().find(|w| w.len() >= 6 && w.chars().all(|c| c.is_ascii_digit())).expect("a code").to_owned();
+    assert_eq!(posts[0]["text"], text, "the retry sends the same message");
+    assert!(!app.logs().contains(&code), "the code is nowhere in the log");
+    assert!(!app.logs().contains("TEST-token"), "nor the bot token");
+    let (status, _, body) = verify(&app, "prod-admin", &code).await;
+    assert_eq!(status, 200, "{body}");
+    eventually("the admin without a chat is counted", || async {
+        (metric(&app, "duet_notify_failures_total").await >= 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(telegram.received().len(), 2, "nothing was sent for the admin without a chat");
 }
 
 /// The per-admin floor (3 code requests a minute) holds, and a team

@@ -1,6 +1,6 @@
 //! The command line against a fresh database, as an operator bootstraps a
 //! node: `duet migrate` (twice: the second finds nothing to do), `duet admin
-//! add`, `duet admin token` (the token on stdout and nothing else), an
+//! add` (with a Telegram chat; bad options refused), `duet admin token` (the token on stdout and nothing else), an
 //! unknown admin refused, and an invalid variable named.
 
 use crate::support::{Backend, TestDb};
@@ -27,6 +27,13 @@ fn migrate_and_admin_commands_on_both_backends() {
         assert!(lines[0].len() >= 32 && lines[0].chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c)), "{stdout:?}");
         let again = db.cli(&["admin", "token", "alice"], &[]);
         assert_ne!(text(&again.stdout), stdout, "{backend:?}: a fresh token each time");
+
+        let chat = db.cli(&["admin", "add", "bob", "--telegram", "-1001234", "--name", "Bob"], &[]);
+        assert!(chat.status.success(), "{backend:?}: flags in any order: {}", text(&chat.stderr));
+        for bad in [&["admin", "add", "bob", "--telegram", "not a chat"][..], &["admin", "add", "bob", "--colour", "red"], &["admin", "add", "bob", "--name"]] {
+            let out = db.cli(bad, &[]);
+            assert!(!out.status.success(), "{backend:?}: {bad:?} refused");
+        }
 
         let nobody = db.cli(&["admin", "token", "nobody"], &[]);
         assert!(!nobody.status.success(), "{backend:?}: a token for an unknown admin");

@@ -495,9 +495,13 @@ where
 }
 
 /// A webhook receiver on loopback, answering as a chat service's incoming
-/// webhook does: it records every JSON body posted to it and answers each
-/// request with the next of the given statuses, then 200.
+/// webhook (or Telegram's Bot API) does: it records every JSON body posted
+/// to it, with its path, and answers each request with the next of the
+/// given statuses, then 200.
 pub struct WebhookSink {
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+    /// A hook's URL under `base`.
     pub url: String,
     received: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
     task: tokio::task::JoinHandle<()>,
@@ -506,7 +510,8 @@ pub struct WebhookSink {
 impl WebhookSink {
     pub async fn start(statuses: &[u16]) -> WebhookSink {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let url = format!("http://{}/hooks/duet-codes", listener.local_addr().expect("addr"));
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let url = format!("{base}/hooks/duet-codes");
         let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let statuses = std::sync::Arc::new(std::sync::Mutex::new(VecDeque::from(statuses.to_vec())));
         let rec = received.clone();
@@ -515,9 +520,10 @@ impl WebhookSink {
                 tokio::spawn(serve_webhook(sock, rec.clone(), statuses.clone()));
             }
         });
-        WebhookSink { url, received, task }
+        WebhookSink { base, url, received, task }
     }
 
+    /// The bodies posted, each with its request path as `"_path"`.
     pub fn received(&self) -> Vec<Value> {
         self.received.lock().unwrap().clone()
     }
@@ -565,8 +571,10 @@ async fn serve_webhook(
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
             }
         }
+        let path = String::from_utf8_lossy(&buf[..head_end]).split_whitespace().nth(1).unwrap_or("").to_owned();
         let body: Vec<u8> = buf.drain(..head_end + len).skip(head_end).collect();
-        if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+        if let Ok(mut v) = serde_json::from_slice::<Value>(&body) {
+            v["_path"] = json!(path);
             received.lock().unwrap().push(v);
         }
         let status = statuses.lock().unwrap().pop_front().unwrap_or(200);

@@ -271,7 +271,7 @@ async fn cli_helpers_and_audit_work_without_a_runtime() {
     each_backend(DbOptions::default(), |db| async move {
         let sync_db = db.clone();
         let made = tokio::task::spawn_blocking(move || {
-            let admin = sync_db.add_admin_sync("frank", "Frank")?;
+            let admin = sync_db.add_admin_sync("frank", "Frank", Some("4242"))?;
             sync_db.audit_sync("cli", "admin.add", &admin.id)?;
             sync_db.create_admin_session_sync("frank", "cli-token", T0, MIN, 10 * MIN)
         })
@@ -280,6 +280,9 @@ async fn cli_helpers_and_audit_work_without_a_runtime() {
         .expect("cli calls");
         assert_eq!(made.admin_id, "frank");
         assert!(!format!("{made:?}").contains("cli-token"));
+        // Added again without a chat, the admin keeps the one it had.
+        let renamed = db.add_admin("frank", "Frank F.").await.expect("rename");
+        assert_eq!((renamed.name.as_str(), renamed.telegram_chat_id.as_deref()), ("Frank F.", Some("4242")));
         db.audit("frank", "login", "otp").await.expect("audit");
         let rows: Vec<(String, String, String)> = db
             .run(|c| {
