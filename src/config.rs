@@ -484,6 +484,7 @@ mod tests {
             ("DUET_AI_CAPACITY", "-1"),
             ("DUET_NOTIFY_WEBHOOK_URL", "hooks.example.com/secret-path"),
             ("RUST_LOG", "duet=loud"),
+            ("DUET_TELEGRAM_API_URL", "ftp://bots.example"),
         ]))
         .expect_err("invalid");
         let all = e.to_string();
@@ -500,6 +501,7 @@ mod tests {
             "DUET_AI_CAPACITY",
             "DUET_NOTIFY_WEBHOOK_URL",
             "RUST_LOG",
+            "DUET_TELEGRAM_API_URL",
         ] {
             assert!(all.contains(name), "{name} missing from {all}");
         }
