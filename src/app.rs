@@ -187,7 +187,7 @@ pub enum StartError {
     Registry(#[from] actix::MailboxError),
     #[error("could not listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
-    #[error("could not build the webhook client: {0}")]
+    #[error("could not build the notifiers' HTTP client: {0}")]
     Notifier(reqwest::Error),
     #[error("the HTTP server failed: {0}")]
     Server(#[from] std::io::Error),

@@ -199,8 +199,7 @@ impl Reader<'_> {
             return None;
         };
         let base = url.trim_end_matches('/');
-        let host = base.strip_prefix("https://").or_else(|| base.strip_prefix("http://")).and_then(|rest| rest.split('/').next());
-        if host.is_none_or(str::is_empty) || !base.ends_with("/v1") {
+        if !is_http_url(base) || !base.ends_with("/v1") {
             self.problems.push(format!("{}={url:?} must be an http(s) base URL ending in /v1 (e.g. https://api.openai.com/v1)", var("URL")));
         }
         Some(Provider {
